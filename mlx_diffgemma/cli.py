@@ -1,0 +1,114 @@
+"""The `mlx_diffgemma` command line (Typer). Later subcommands (generate, chat, convert) consume the engine's
+events; nothing here knows how denoising works."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    name="mlx_diffgemma",
+    help="DiffusionGemma (block-diffusion Gemma 4 MoE) on MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import mlx.core as mx
+
+        typer.echo(f"mlx_diffgemma {__version__} (mlx {mx.__version__})")
+        raise typer.Exit()
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """DiffusionGemma (block-diffusion Gemma 4 MoE) on MLX."""
+
+
+@app.command()
+def parity(
+    workdir: Annotated[
+        Optional[Path], typer.Option(help="Keep the tiny checkpoints in this folder (default: a temporary one).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the checkpoints and inputs.")] = 0,
+) -> None:
+    """Build tiny random checkpoints with transformers and print MLX-vs-transformers logit parity tables."""
+    try:
+        from .parity import parity_report
+    except ImportError as e:
+        _fail(f"{e}")
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+    typer.echo(parity_report(workdir, seed=seed))
+
+
+@app.command()
+def info(path: Annotated[str, typer.Argument(help="Model folder or cached Hugging Face repo id.")]) -> None:
+    """Architecture and generation defaults of a checkpoint."""
+    from .config import ConfigError, GenerationConfig, ModelConfig
+    from .loading import LoadError, resolve_path
+
+    try:
+        folder = resolve_path(path)
+        cfg = ModelConfig.from_file(folder / "config.json")
+        gen = GenerationConfig.from_file(folder / "generation_config.json", cfg.text_config)
+    except (LoadError, ConfigError) as e:
+        _fail(str(e))
+    t = cfg.text_config
+    full = [i for i, s in enumerate(t.layers) if not s.is_sliding]
+    sliding = next((s for s in t.layers if s.is_sliding), None)
+    rows = [
+        ("folder", str(folder)),
+        ("layers", f"{t.num_hidden_layers} ({len(full)} full: {full}; sliding window {t.sliding_window})"),
+        ("hidden", f"{t.hidden_size}, vocab {t.vocab_size}, canvas {cfg.canvas_length}"),
+    ]
+    heads = t.num_attention_heads
+    if sliding:
+        rows.append(("sliding attn", f"{heads} q heads, {sliding.num_key_value_heads} kv heads x {sliding.head_dim}"))
+    if full:
+        f = t.layers[full[0]]
+        rows.append(("full attn", f"{heads} q heads, {f.num_key_value_heads} kv heads x {f.head_dim} (K = V)"))
+    rows += [
+        (
+            "feed-forward",
+            f"dense {t.intermediate_size} + {t.num_experts} experts x {t.moe_intermediate_size}, top-{t.top_k_experts}",
+        ),
+        ("quantization", str(cfg.quantization or "none")),
+        (
+            "generation",
+            f"steps {gen.max_denoising_steps}, entropy bound {gen.entropy_bound}, t {gen.t_min}..{gen.t_max}, "
+            f"stability {gen.stability_threshold}, confidence {gen.confidence_threshold}, "
+            f"eos {gen.eos_token_id}",
+        ),
+    ]
+    for key, value in rows:
+        typer.echo(f"{key:<14}{value}")
+
+
+def run() -> None:
+    """Console-script entry point: clean one-line errors, never a traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

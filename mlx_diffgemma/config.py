@@ -1,0 +1,293 @@
+"""Configuration read from a checkpoint's config.json and generation_config.json.
+
+Field names follow Hugging Face's `DiffusionGemmaTextConfig` / `DiffusionGemmaGenerationConfig`, and per-layer
+head dims and KV heads resolve exactly as transformers resolves them (`per_layer_config` first, then the older flat
+`global_head_dim` / `num_global_key_value_heads` keys, then transformers' defaults).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "diffusion_gemma"
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+class ConfigError(ValueError):
+    """A config.json or generation_config.json this package cannot use."""
+
+
+# transformers' DiffusionGemmaTextConfig defaults for the keys that are optional in a config.json.
+_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_144,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "sliding_window": 512,
+    "final_logit_softcapping": 30.0,
+    "use_bidirectional_attention": None,
+}
+_REQUIRED = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "top_k_experts",
+    "moe_intermediate_size",
+)
+_DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer's attention looks like once per-layer overrides are applied."""
+
+    layer_type: str  # "sliding_attention" or "full_attention"
+    head_dim: int
+    num_key_value_heads: int
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.layer_type == SLIDING
+
+    @property
+    def has_v_proj(self) -> bool:  # full layers share K and V (no v_proj)
+        return self.is_sliding
+
+
+@dataclass
+class TextConfig:
+    hidden_size: int
+    intermediate_size: int  # dense MLP (and self-conditioning MLP) width
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int  # global value; full layers may override it
+    head_dim: int  # global value; full layers may override it
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    vocab_size: int = 262_144
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131_072
+    rms_norm_eps: float = 1e-6
+    sliding_window: int = 512
+    final_logit_softcapping: float = 30.0
+    attention_bias: bool = False
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 1
+    layer_types: list[str] = field(default_factory=list)
+    rope_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layers: list[LayerSpec] = field(default_factory=list)  # resolved, one per layer
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TextConfig:
+        missing = [k for k in _REQUIRED if d.get(k) is None]
+        if missing:
+            raise ConfigError(f"text_config is missing required keys: {', '.join(missing)}")
+        v = {**_TEXT_DEFAULTS, **{k: x for k, x in d.items() if x is not None or k in _TEXT_DEFAULTS}}
+        if v.get("use_bidirectional_attention") == "all":
+            raise ConfigError("use_bidirectional_attention='all' (a bidirectional encoder) is not supported")
+        if v["hidden_activation"] not in ("gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"unsupported hidden_activation {v['hidden_activation']!r}")
+        if v.get("attention_bias"):
+            raise ConfigError("attention_bias=True is not supported")
+
+        n = int(v["num_hidden_layers"])
+        layer_types = list(v.get("layer_types") or [])
+        if not layer_types:  # transformers' default pattern: 5 sliding : 1 full
+            layer_types = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
+        if len(layer_types) != n:
+            raise ConfigError(f"layer_types has {len(layer_types)} entries for {n} layers")
+        unknown = set(layer_types) - {SLIDING, FULL}
+        if unknown:
+            raise ConfigError(f"unknown layer types: {sorted(unknown)}")
+        layer_types[-1] = FULL  # transformers forces the last layer to full attention
+
+        rope = v.get("rope_parameters") or _DEFAULT_ROPE
+        for t in set(layer_types):
+            p = rope.get(t)
+            if p is None:
+                raise ConfigError(f"rope_parameters has no entry for {t}")
+            if p.get("rope_type", "default") not in ("default", "proportional"):
+                raise ConfigError(f"unsupported rope_type {p.get('rope_type')!r} for {t}")
+            if p.get("rope_type", "default") == "default" and p.get("partial_rotary_factor", 1.0) != 1.0:
+                raise ConfigError(f"partial_rotary_factor with default RoPE is not supported ({t})")
+
+        cfg = cls(
+            **{k: v[k] for k in cls.__dataclass_fields__ if k in v and k not in ("layer_types", "layers")},
+        )
+        cfg.layer_types = layer_types
+        cfg.rope_parameters = rope
+        cfg.layers = _resolve_layers(v, layer_types)
+        if cfg.num_attention_heads % min(s.num_key_value_heads for s in cfg.layers):
+            raise ConfigError("num_attention_heads must be a multiple of every layer's num_key_value_heads")
+        return cfg
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+    @property
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+
+def _resolve_layers(v: dict[str, Any], layer_types: list[str]) -> list[LayerSpec]:
+    """Per-layer head_dim / num_key_value_heads, as transformers' DiffusionGemmaTextConfig resolves them."""
+    per_layer = v.get("per_layer_config")
+    if per_layer is None:
+        # Older flat form: full layers take `global_head_dim` (default 512) and `num_global_key_value_heads`.
+        overrides: dict[str, Any] = {"head_dim": v.get("global_head_dim", 512)}
+        if v.get("num_global_key_value_heads") is not None:
+            overrides["num_key_value_heads"] = v["num_global_key_value_heads"]
+        per_layer = {i: overrides for i, t in enumerate(layer_types) if t == FULL}
+    try:
+        per_layer = {int(i): dict(o) for i, o in per_layer.items()}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"per_layer_config must map layer indices to dicts: {e}") from None
+    bad = [i for i in per_layer if not 0 <= i < len(layer_types)]
+    if bad:
+        raise ConfigError(f"per_layer_config names layers that do not exist: {bad}")
+    specs = []
+    for i, t in enumerate(layer_types):
+        o = per_layer.get(i, {})
+        specs.append(
+            LayerSpec(
+                t, int(o.get("head_dim", v["head_dim"])), int(o.get("num_key_value_heads", v["num_key_value_heads"]))
+            )
+        )
+    for t in set(layer_types):  # RoPE is built per layer type, so each type must have one head_dim
+        dims = {s.head_dim for s in specs if s.layer_type == t}
+        if len(dims) > 1:
+            raise ConfigError(f"layers of type {t} have different head dims {sorted(dims)}")
+    return specs
+
+
+@dataclass
+class ModelConfig:
+    text_config: TextConfig
+    canvas_length: int = 256
+    model_type: str = MODEL_TYPE
+    image_token_id: int | None = 258_880
+    boi_token_id: int | None = 255_999
+    eoi_token_id: int | None = 258_882
+    quantization: dict[str, Any] | None = None  # written by the converter, mlx-lm style
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json as read
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        mt = d.get("model_type")
+        if mt != MODEL_TYPE:
+            raise ConfigError(f"model_type is {mt!r}, expected {MODEL_TYPE!r} (a DiffusionGemma checkpoint)")
+        if not isinstance(d.get("text_config"), dict):
+            raise ConfigError("config.json has no text_config")
+        canvas = d.get("canvas_length") or 256
+        if not isinstance(canvas, int) or canvas <= 0:
+            raise ConfigError(f"canvas_length must be a positive integer, got {canvas!r}")
+        return cls(
+            text_config=TextConfig.from_dict(d["text_config"]),
+            canvas_length=canvas,
+            image_token_id=d.get("image_token_id", 258_880),
+            boi_token_id=d.get("boi_token_id", 255_999),
+            eoi_token_id=d.get("eoi_token_id", 258_882),
+            quantization=d.get("quantization"),
+            raw=d,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(_read_json(Path(path)))
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults for the block-diffusion sampler (transformers' defaults where a checkpoint leaves them unset)."""
+
+    max_denoising_steps: int = 48
+    entropy_bound: float = 0.1
+    t_min: float = 0.4
+    t_max: float = 0.8
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    max_new_tokens: int = 256
+    eos_token_id: list[int] = field(default_factory=lambda: [1])
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], text: TextConfig | None = None) -> GenerationConfig:
+        g = cls()
+        if text is not None:
+            g.eos_token_id, g.pad_token_id, g.bos_token_id = text.eos_token_ids, text.pad_token_id, text.bos_token_id
+        sampler = d.get("sampler_config") or {}
+        if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+            g.entropy_bound = float(sampler["entropy_bound"])
+        for k in (
+            "max_denoising_steps",
+            "t_min",
+            "t_max",
+            "stability_threshold",
+            "confidence_threshold",
+            "max_new_tokens",
+            "pad_token_id",
+            "bos_token_id",
+        ):
+            if d.get(k) is not None:
+                setattr(g, k, d[k])
+        if d.get("eos_token_id") is not None:
+            e = d["eos_token_id"]
+            g.eos_token_id = [e] if isinstance(e, int) else list(e)
+        g.validate()
+        return g
+
+    @classmethod
+    def from_file(cls, path: str | Path, text: TextConfig | None = None) -> GenerationConfig:
+        p = Path(path)
+        return cls.from_dict(_read_json(p) if p.exists() else {}, text)
+
+    def validate(self) -> None:
+        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
+            raise ConfigError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
+        if self.t_min < 0 or self.t_max < 0:
+            raise ConfigError(f"temperatures must be >= 0 (t_min={self.t_min}, t_max={self.t_max})")
+        if self.t_max <= self.t_min:
+            raise ConfigError(f"t_max must be greater than t_min (t_min={self.t_min}, t_max={self.t_max})")
+        if self.entropy_bound < 0:
+            raise ConfigError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
+        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
+            raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
+        if self.confidence_threshold <= 0:
+            raise ConfigError(f"confidence_threshold must be > 0, got {self.confidence_threshold}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return d

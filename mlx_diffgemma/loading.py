@@ -1,0 +1,166 @@
+"""load(path or repo id) -> (model, tokenizer), from safetensors only: nothing is unpickled, no remote code runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, GenerationConfig, ModelConfig
+from .model import Model
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class LoadError(ValueError):
+    """A model folder that cannot be loaded, with the reason in one line."""
+
+
+def resolve_path(path_or_repo: str | Path) -> Path:
+    """A local folder, or a repo id found in the local Hugging Face cache (no network)."""
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise LoadError(f"{p} is a file; expected a model folder")
+    name = str(path_or_repo)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(
+                snapshot_download(
+                    name,
+                    local_files_only=True,
+                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"],
+                )
+            )
+        except Exception as e:  # the hub client raises several types for "not cached"
+            raise LoadError(
+                f"{name} is neither a local folder nor a repo in the local Hugging Face cache ({type(e).__name__})"
+            ) from None
+    raise LoadError(f"model folder {p} does not exist")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors shards, from the index when there is one."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise LoadError(f"cannot read {index}: {e}") from None
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise LoadError(f"{path} is missing shards named in its index: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        other = [f.name for f in path.glob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = (
+            f" (found {', '.join(other)}: pickled weights are not loaded; convert them to safetensors)" if other else ""
+        )
+        raise LoadError(f"no .safetensors weights in {path}{hint}")
+    return files
+
+
+def load_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of all shards, lazily (read on first use)."""
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(path):
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # MLX raises RuntimeError/ValueError for a damaged file
+            raise LoadError(f"cannot read {f}: {e}") from None
+    return weights
+
+
+def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
+    """Every expected key present with its shape, nothing unexpected; names what is wrong."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected
+        if k in weights and weights[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if wrong:
+        problems.append(f"{len(wrong)} with the wrong shape ({_few(wrong)})")
+    if problems:
+        raise LoadError("weights do not match the config: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f", ... {len(items) - n} more" if len(items) > n else "")
+
+
+def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> Model:
+    """The model alone. dtype: "float32", "bfloat16", "float16" or None (keep the stored dtype)."""
+    path = resolve_path(path)
+    try:
+        config = ModelConfig.from_file(path / "config.json")
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    if config.quantization:
+        raise LoadError(f"{path} is a quantized conversion; quantized loading is not supported by this version")
+    model = Model(config)
+    weights = Model.sanitize(load_weights(path))
+    check_weights(model, weights)
+    target = _dtype(dtype)
+    if target is not None:
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    else:  # one dtype for the whole model: the one most weights are stored in
+        target = max(
+            {v.dtype for v in weights.values()},
+            key=lambda d: sum(math.prod(v.shape) for v in weights.values() if v.dtype == d),
+        )
+        weights = {k: v.astype(target) for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    model.generation_config = GenerationConfig.from_file(path / "generation_config.json", config.text_config)
+    return model
+
+
+def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """mlx-lm's TokenizerWrapper (with a streaming detokenizer), or None when the folder has no tokenizer."""
+    path = resolve_path(path)
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
+
+    try:
+        return load_mlx_lm_tokenizer(path)
+    except Exception as e:  # tokenizers/transformers raise many types for a broken tokenizer folder
+        raise LoadError(f"cannot load the tokenizer in {path}: {e}") from None
+
+
+def load(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> tuple[Model, Any | None]:
+    """Load a DiffusionGemma checkpoint folder (or a cached Hugging Face repo id).
+
+    Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper, or None when the folder has none.
+    dtype casts every floating weight ("float32", "bfloat16", "float16"); None keeps the stored dtype.
+    The vision tower, if present, is ignored."""
+    model = load_model(path, dtype=dtype, lazy=lazy)
+    return model, load_tokenizer(path)

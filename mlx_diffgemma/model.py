@@ -1,0 +1,357 @@
+"""DiffusionGemma text model in pure MLX: one set of weights, run causally (encode) or bidirectionally (denoise).
+
+Mirrors transformers' `modular_diffusion_gemma.py`. Module attribute names equal the checkpoint's, so `sanitize`
+only strips prefixes. Shapes: B batch, L new tokens, S attended positions, C canvas, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import FullAttentionCache, KVSource, PromptCache, SlidingWindowCache
+from .config import LayerSpec, ModelConfig, TextConfig
+
+Mask = mx.array | str | None
+
+
+def _activation(name: str):
+    return nn.gelu_approx if name == "gelu_pytorch_tanh" else nn.gelu
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def _rope_freqs(params: dict[str, Any], head_dim: int) -> mx.array:
+    """Wavelengths (1 / inverse frequency) for mx.fast.rope over the whole head dim, as transformers builds them.
+
+    "proportional" rotates the first `partial_rotary_factor` of the angles with exponents over the *full* head
+    dim and leaves the rest unrotated (infinite wavelength)."""
+    base = float(params["rope_theta"])
+    if params.get("rope_type", "default") == "proportional":
+        rotated = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        factor = float(params.get("factor", 1.0))
+    else:
+        rotated, factor = head_dim // 2, 1.0
+    exponents = mx.arange(0, 2 * rotated, 2, dtype=mx.float32) / head_dim
+    return mx.concatenate([factor * base**exponents, mx.full((head_dim // 2 - rotated,), mx.inf)])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, rope: dict[str, Any]):
+        super().__init__()
+        H, hd = cfg.hidden_size, spec.head_dim
+        self.n_heads, self.head_dim, self.eps = cfg.num_attention_heads, hd, cfg.rms_norm_eps
+        self.q_proj = nn.Linear(H, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(H, spec.num_key_value_heads * hd, bias=False)
+        if spec.has_v_proj:  # full layers use K as V
+            self.v_proj = nn.Linear(H, spec.num_key_value_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, H, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self._freqs = _rope_freqs(rope, hd)
+
+    def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+
+    def __call__(self, x: mx.array, offset: int | mx.array, kv: KVSource, mask: Mask) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, L, -1, self.head_dim))
+        k_raw = self.k_proj(x).reshape(B, L, -1, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, -1, self.head_dim) if "v_proj" in self else k_raw
+        q = self._rope(q.transpose(0, 2, 1, 3), offset)  # (B, heads, L, hd)
+        k = self._rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)  # (B, kv_heads, L, hd)
+        v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no scale
+        keys, values = kv(k, v)  # (B, kv_heads, S, hd)
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dims: int, hidden: int, activation: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+        self.act = _activation(activation)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Top-k routing on the raw residual; weights renormalised, then scaled per expert."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = mx.ones((cfg.hidden_size,))
+        self.per_expert_scale = mx.ones((cfg.num_experts,))
+        self.top_k, self.eps, self.root = cfg.top_k_experts, cfg.rms_norm_eps, cfg.hidden_size**-0.5
+
+    def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        h = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
+        probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)  # (N, E)
+        idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]  # (N, k)
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = w / w.sum(axis=-1, keepdims=True)
+        return idx, w * self.per_expert_scale[idx]
+
+
+class SwitchLinear(nn.Module):
+    """Per-expert weights (E, out, in), applied to each token's chosen experts."""
+
+    def __init__(self, dims_in: int, dims_out: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, dims_out, dims_in))
+
+    def gather(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+
+    def dense(self, x: mx.array) -> mx.array:  # (N, in) -> (E, N, out): every expert on every token
+        return x @ self.weight.swapaxes(-1, -2)
+
+
+def _expert_path(x: mx.array) -> str:
+    """ "gather" (gather_mm over the chosen experts) or "dense" (every expert; MLX's CPU gather_mm is float32-only
+    and slower than dense there). Same numbers either way; MLX_DIFFGEMMA_EXPERTS=dense|gather overrides."""
+    forced = os.environ.get("MLX_DIFFGEMMA_EXPERTS")
+    if forced in ("dense", "gather"):
+        return forced
+    return "gather" if mx.default_device() == mx.gpu else "dense"
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = SwitchLinear(H, 2 * I, E)  # rows: gate then up
+        self.down_proj = SwitchLinear(I, H, E)
+        self.act = _activation(cfg.hidden_activation)
+
+    def _glu(self, gu: mx.array) -> mx.array:
+        gate, up = mx.split(gu, 2, axis=-1)
+        return self.act(gate) * up
+
+    def __call__(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array:
+        """x (N, H), idx (N, k) expert ids, w (N, k) float32 weights -> (N, H)."""
+        N, k = idx.shape
+        if _expert_path(x) == "dense" and isinstance(self.gate_up_proj, SwitchLinear):
+            y = self.down_proj.dense(self._glu(self.gate_up_proj.dense(x)))  # (E, N, H)
+            onehot = idx[..., None] == mx.arange(y.shape[0])  # (N, k, E)
+            dense_w = (onehot * w[..., None]).sum(axis=1)  # (N, E)
+            return (y * dense_w.T[..., None]).sum(axis=0).astype(x.dtype)
+        do_sort = idx.size >= 64
+        xe = x[:, None, None, :]  # (N, 1, 1, H)
+        flat = idx
+        if do_sort:  # group tokens by expert so each expert's weights are read once
+            flat = idx.flatten()
+            order = mx.argsort(flat)
+            inv = mx.argsort(order)
+            xe, flat = xe.flatten(0, -3)[order // k], flat[order]
+        h = self._glu(self.gate_up_proj.gather(xe, flat, do_sort))
+        y = self.down_proj.gather(h, flat, do_sort)
+        y = y[inv].reshape(N, k, -1) if do_sort else y.reshape(N, k, -1)
+        return (y * w[..., None]).sum(axis=1).astype(x.dtype)
+
+
+class Layer(nn.Module):
+    """Shared by encoder and decoder; only the layer scalar differs (`layer_scalar` is the decoder's)."""
+
+    def __init__(self, cfg: TextConfig, spec: LayerSpec):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = Attention(cfg, spec, cfg.rope_parameters[spec.layer_type])
+        self.mlp = MLP(H, cfg.intermediate_size, cfg.hidden_activation)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "post_feedforward_layernorm_1",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_2",
+        ):
+            setattr(self, name, RMSNorm(H, eps))
+        self.layer_scalar = mx.ones((1,))
+        self.encoder_layer_scalar = mx.ones((1,))
+
+    def __call__(self, h: mx.array, offset: int | mx.array, kv: KVSource, mask: Mask, decoder: bool) -> mx.array:
+        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), offset, kv, mask))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        flat = h.reshape(-1, h.shape[-1])
+        idx, w = self.router(flat)  # the router reads the raw residual
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), idx, w).reshape(h.shape)
+        h = h + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return h * (self.layer_scalar if decoder else self.encoder_layer_scalar)
+
+
+class SelfConditioning(nn.Module):
+    """post_norm(embeds + mlp(pre_norm(soft))); the scale-less post_norm runs even without a signal."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _activation(cfg.hidden_activation)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, embeds: mx.array, soft: mx.array | None) -> mx.array:
+        if soft is not None:  # a zero signal contributes exactly zero (no biases, gelu(0) = 0)
+            n = self.pre_norm(soft)
+            embeds = embeds + self.down_proj(self.act(self.gate_proj(n)) * self.up_proj(n))
+        return mx.fast.rms_norm(embeds, None, self.eps)
+
+
+def attention_masks(cfg: TextConfig, offset: int, length: int, cached: dict[str, int]) -> dict[str, Mask]:
+    """Causal masks for encoding `length` new tokens at `offset`, after `cached[type]` cached positions.
+
+    Full layers: plain causal. Sliding layers: causal within the window (a query at p sees keys in (p - W, p]),
+    which differs from plain causal only when the cached and new positions together exceed the window."""
+    masks: dict[str, Mask] = {}
+    for t, n_cached in cached.items():
+        if length == 1:
+            masks[t] = None
+        elif t == "sliding_attention" and n_cached + length > cfg.sliding_window:
+            q = mx.arange(offset, offset + length)[:, None]
+            k = mx.arange(offset - n_cached, offset + length)[None, :]
+            masks[t] = (k <= q) & (k > q - cfg.sliding_window)
+        else:
+            masks[t] = "causal"
+    return masks
+
+
+class Model(nn.Module):
+    """The DiffusionGemma text model.
+
+    `encode(ids, cache)` runs the layers causally over new tokens and appends their K/V to `cache`;
+    `denoise(canvas, cache, self_conditioning_logits)` runs them bidirectionally over cache + canvas and returns
+    softcapped float32 logits, leaving the cache untouched. Both are built on `forward`.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        cfg = self.args = config.text_config
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [Layer(cfg, spec) for spec in cfg.layers]
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(cfg)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.norm.weight.dtype
+
+    @property
+    def canvas_length(self) -> int:
+        return self.config.canvas_length
+
+    def make_cache(self) -> PromptCache:
+        return PromptCache(
+            [
+                SlidingWindowCache(self.args.sliding_window) if s.is_sliding else FullAttentionCache()
+                for s in self.args.layers
+            ]
+        )
+
+    def embed(self, ids: mx.array) -> mx.array:
+        """Scaled token embeddings; the scale is rounded to the model dtype, as in transformers."""
+        return self.embed_tokens(ids) * mx.array(self.args.embed_scale, dtype=self.dtype)
+
+    def soft_embed(self, logits: mx.array) -> mx.array:
+        """softmax(logits) (float32) @ embedding matrix * sqrt(hidden): (B, C, V) -> (B, C, H)."""
+        p = mx.softmax(logits.astype(mx.float32), axis=-1).astype(self.dtype)
+        return (p @ self.embed_tokens.weight) * mx.array(self.args.embed_scale, dtype=self.dtype)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Tied LM head, then the final softcap in float32."""
+        cap = self.args.final_logit_softcapping
+        x = self.embed_tokens.as_linear(h).astype(mx.float32)
+        return mx.tanh(x / cap) * cap if cap else x
+
+    def forward(
+        self,
+        h: mx.array,
+        offset: int | mx.array,
+        kv: list[KVSource],
+        masks: dict[str, Mask],
+        decoder: bool,
+    ) -> mx.array:
+        """The pure forward over explicit inputs: embeddings h (B, L, H) at positions offset.., each layer's KV
+        source (what its new K/V are joined to), masks per layer type; returns the final-normed hidden states."""
+        for layer, spec, source in zip(self.layers, self.args.layers, kv):
+            h = layer(h, offset, source, masks.get(spec.layer_type), decoder)
+        return self.norm(h)
+
+    def encode(self, ids: mx.array, cache: PromptCache) -> mx.array:
+        """Causal pass over new tokens ids (B, L); appends their K/V to `cache`; returns the normed hidden states
+        (B, L, H) (unevaluated: generation never pays for the last layer's feed-forward unless it reads them)."""
+        offset, L = cache.offset, ids.shape[1]
+        cached = {}
+        for spec, c in zip(self.args.layers, cache.layers):
+            ctx = c.context()
+            cached.setdefault(spec.layer_type, 0 if ctx is None else ctx[0].shape[2])
+        masks = attention_masks(self.args, offset, L, cached)
+        return self.forward(self.embed(ids), offset, cache.writers(), masks, decoder=False)
+
+    def denoise(
+        self, canvas: mx.array, cache: PromptCache, self_conditioning_logits: mx.array | None = None
+    ) -> mx.array:
+        """Bidirectional pass over cache + canvas (B, C) -> float32 logits (B, C, V); the cache is unchanged."""
+        x = self.embed(canvas)
+        soft = None if self_conditioning_logits is None else self.soft_embed(self_conditioning_logits)
+        x = self.self_conditioning(x, soft)
+        h = self.forward(x, cache.offset, cache.readers(), {}, decoder=True)
+        return self.logits(h)
+
+    # ---- checkpoint names -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map Hugging Face names to ours. transformers saves the shared weights under `model.decoder.` and only
+        the encoder's layer scalars under `model.encoder.language_model.`; a checkpoint that stores the shared
+        weights on the encoder side is read from there. The vision tower and the tied lm_head are dropped."""
+        out: dict[str, mx.array] = {}
+        encoder_side: dict[str, mx.array] = {}
+        for name, w in weights.items():
+            if (
+                name.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision."))
+                or name == "lm_head.weight"
+            ):
+                continue
+            if m := re.fullmatch(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar", name):
+                out[f"layers.{m[1]}.encoder_layer_scalar"] = w
+                continue
+            if name.startswith("model.encoder.language_model."):
+                encoder_side[_ours(name[len("model.encoder.language_model.") :])] = w
+                continue
+            out[_ours(name.removeprefix("model.decoder."))] = w
+        for name, w in encoder_side.items():
+            out.setdefault(name, w)
+        return out
+
+
+def _ours(name: str) -> str:
+    return re.sub(r"experts\.(gate_up_proj|down_proj)$", r"experts.\1.weight", name)
+
+
+def num_parameters(model: Model) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(math.prod(v.shape) for _, v in tree_flatten(model.parameters()))
