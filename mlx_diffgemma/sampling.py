@@ -1,0 +1,70 @@
+"""The block-diffusion sampler as pure functions, matching transformers' classes on the same inputs.
+
+`step` counts down from N (first denoising step) to 1, as in transformers. Shapes: B batch, C canvas, V vocab.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+
+def temperature(step: int | mx.array, t_min: float, t_max: float, max_steps: int) -> float | mx.array:
+    """LinearTemperatureScheduleLogitsProcessor: t_max at step N, falling linearly to t_min + (t_max-t_min)/N."""
+    return t_min + (t_max - t_min) * (step / max_steps)
+
+
+def entropy(logits: mx.array) -> mx.array:
+    """Entropy of softmax(logits) over the last axis, (B, C, V) -> (B, C), in float32."""
+    logits = logits.astype(mx.float32)
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return -(mx.exp(logp) * logp).sum(axis=-1)
+
+
+def accept_mask(logits: mx.array, entropy_bound: float) -> mx.array:
+    """EntropyBoundSampler acceptance: sort entropies ascending and accept the longest prefix whose cumulative sum
+    minus its own largest entropy is <= entropy_bound (the lowest-entropy position is always accepted)."""
+    h = entropy(logits)  # (B, C)
+    order = mx.argsort(h, axis=-1)
+    sorted_h = mx.take_along_axis(h, order, axis=-1)
+    selected = (mx.cumsum(sorted_h, axis=-1) - sorted_h) <= entropy_bound
+    return mx.take_along_axis(selected, mx.argsort(order, axis=-1), axis=-1)  # back to canvas order
+
+
+def accept(current: mx.array, sampled: mx.array, mask: mx.array) -> mx.array:
+    """Accepted positions take the sampled token, the others keep the current canvas."""
+    return mx.where(mask, sampled, current)
+
+
+def renoise(accepted: mx.array, mask: mx.array, noise: mx.array) -> mx.array:
+    """Non-accepted positions get fresh uniform tokens (`noise`, same shape as the canvas)."""
+    return mx.where(mask, accepted, noise)
+
+
+def random_canvas(shape: tuple[int, int], vocab_size: int, key: mx.array | None = None) -> mx.array:
+    """Uniform random tokens in [0, vocab_size)."""
+    return mx.random.randint(0, vocab_size, shape, dtype=mx.int32, key=key)
+
+
+def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
+    """One draw per position from softmax(logits): (B, C, V) -> (B, C)."""
+    return mx.random.categorical(logits, axis=-1, key=key)
+
+
+def new_history(stability_threshold: int, batch: int, canvas: int) -> mx.array:
+    """The argmax history for the stability test, filled with -1 (matches no token)."""
+    return mx.full((stability_threshold, batch, canvas), -1, dtype=mx.int32)
+
+
+def stop_criterion(
+    history: mx.array, argmax: mx.array, logits: mx.array, confidence_threshold: float
+) -> tuple[mx.array, mx.array]:
+    """StableAndConfidentStoppingCriteria: stop where the argmax canvas equals each of the last
+    `stability_threshold` ones (history (S, B, C); S = 0 means always stable) and the mean entropy of the
+    temperature-scaled logits is below `confidence_threshold`. Returns (stop (B,), updated history)."""
+    if history.shape[0] == 0:
+        stable = mx.ones((argmax.shape[0],), dtype=mx.bool_)
+    else:
+        stable = (history == argmax[None].astype(history.dtype)).all(axis=(0, 2))
+        history = mx.concatenate([history[1:], argmax[None].astype(history.dtype)], axis=0)
+    confident = entropy(logits).mean(axis=-1) < confidence_threshold
+    return stable & confident, history
