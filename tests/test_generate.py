@@ -1,0 +1,78 @@
+import math
+
+import mlx.core as mx
+import pytest
+
+from mlx_diffgemma import load
+from mlx_diffgemma.config import ConfigError
+from mlx_diffgemma.generate import Commit, Step, generate_step, settings
+
+PROMPT = mx.array([[2, 105, 30, 31, 32, 106, 107]])
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load(checkpoint("basic"))[0]  # canvas 16
+
+
+def run(model, seed=0, max_tokens=40, **kw):
+    g = settings(model, **{"max_denoising_steps": 6, "eos_token_id": [], **kw})
+    return list(generate_step(model, PROMPT, g, max_tokens, key=mx.random.key(seed)))
+
+
+def tokens(events):
+    return [t for e in events if isinstance(e, Commit) for t in e.tokens]
+
+
+def test_event_order_and_counts(model):
+    events = run(model, max_tokens=40)  # ceil(40 / 16) = 3 blocks
+    commits = [e for e in events if isinstance(e, Commit)]
+    assert [c.block for c in commits] == [0, 1, 2]
+    block = 0
+    for e in events:  # each block's steps count down from N, then its commit
+        if isinstance(e, Step):
+            assert e.block == block and 1 <= e.step <= 6 and 1 <= int(e.accepted) <= 16
+        else:
+            block += 1
+    for c in commits:
+        steps = [e for e in events if isinstance(e, Step) and e.block == c.block]
+        assert [s.step for s in steps] == list(range(6, 6 - len(steps), -1)) and c.steps == len(steps)
+    assert len(tokens(events)) == 40 and commits[-1].finish_reason == "length"
+    assert commits[0].tokens == events[commits[0].steps - 1].draft.tolist()  # the commit is the last draft
+
+
+def test_seeds(model):
+    assert tokens(run(model, seed=1)) == tokens(run(model, seed=1))
+    assert tokens(run(model, seed=1)) != tokens(run(model, seed=2))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 16, 17])
+def test_max_tokens(model, max_tokens):
+    events = run(model, max_tokens=max_tokens)
+    assert len(tokens(events)) == max_tokens
+    assert sum(isinstance(e, Commit) for e in events) == math.ceil(max_tokens / 16)
+
+
+def test_eos_stops_mid_block(model):
+    """The same seed with an EOS id that the first block produces: output stops before it, no later block."""
+    first = [e for e in run(model, seed=3) if isinstance(e, Commit)][0].tokens
+    eos = first[5]
+    events = run(model, seed=3, eos_token_id=[eos])
+    commits = [e for e in events if isinstance(e, Commit)]
+    assert len(commits) == 1 and commits[0].finish_reason == "eos"
+    assert commits[0].tokens == first[: first.index(eos)]
+
+
+def test_adaptive_stop(model):
+    """stability 0 and a loose confidence bound stop every block after its first step."""
+    events = run(model, stability_threshold=0, confidence_threshold=1e6)
+    assert all(e.steps == 1 for e in events if isinstance(e, Commit))
+
+
+def test_invalid_settings(model):
+    with pytest.raises(ConfigError, match="t_max must be greater than t_min"):
+        settings(model, t_min=0.9, t_max=0.8)
+    with pytest.raises(ConfigError, match="max_denoising_steps"):
+        settings(model, max_denoising_steps=0)
+    with pytest.raises(TypeError, match="unknown generation settings: temp"):
+        settings(model, temp=1.0)
