@@ -101,6 +101,10 @@ class PromptCache:
         """KV sources for `denoise`: attend to the cache plus the new tokens, leaving the cache untouched."""
         return [context_source(c.context()) for c in self.layers]
 
+    def materialize(self) -> None:
+        """Evaluate every layer's cached K/V."""
+        mx.eval([kv for kv in self.state() if kv is not None])
+
     def state(self) -> list[KV | None]:
         """Each layer's cached K/V (no copies), for saving."""
         return [c.context() for c in self.layers]

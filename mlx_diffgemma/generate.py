@@ -6,6 +6,7 @@ nothing of tokenizers or terminals. Text-level `stream_generate` / `generate` bu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -39,6 +40,8 @@ class Commit:
     steps: int  # denoising steps (decoder forward passes) this block took
     finished: bool  # an EOS was generated or max_tokens reached: no block follows
     finish_reason: str | None  # "eos" or "length" when finished
+    eos: int | None = None  # the EOS token that ended the output, if any
+    generated: int = 0  # tokens this block generated as transformers counts them (through the EOS, else all C)
 
 
 def settings(model: Model, **overrides) -> GenerationConfig:
@@ -62,10 +65,11 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
         processed = logits / temp  # (B, C, V) temperature-scaled
         sampled = sampling.sample(processed, key=k_sample).astype(canvas.dtype)
         argmax = processed.argmax(axis=-1).astype(canvas.dtype)
-        mask = sampling.accept_mask(processed, g.entropy_bound)
+        h = sampling.entropy(processed)  # (B, C), shared by acceptance and the stop test
+        mask = sampling.accept_mask(processed, g.entropy_bound, h)
         noise = sampling.random_canvas(canvas.shape, vocab, key=k_noise).astype(canvas.dtype)
         canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, noise)
-        stop, history = sampling.stop_criterion(history, argmax, processed, g.confidence_threshold)
+        stop, history = sampling.stop_criterion(history, argmax, processed, g.confidence_threshold, h)
         return canvas, argmax, processed, mask.sum(axis=-1), stop.all(), history
 
     return mx.compile(step_fn)
@@ -73,18 +77,21 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
 
 def generate_step(
     model: Model,
-    prompt: mx.array,
+    prompt: mx.array | None,
     g: GenerationConfig,
     max_tokens: int,
     cache: PromptCache | None = None,
     key: mx.array | None = None,
 ) -> Iterator[Step | Commit]:
-    """Encode `prompt` (1, P) into `cache` (new if None), then generate ceil(max_tokens / C) blocks at most.
+    """Encode `prompt` (1, P) into `cache` (new if None; prompt None: the cache already holds it), then generate
+    ceil(max_tokens / C) blocks at most.
 
     Each block starts from uniform random tokens and runs up to `max_denoising_steps` steps; it commits its argmax
     canvas, which is encoded into the cache only when another block follows (as transformers does)."""
-    if prompt.ndim != 2 or prompt.shape[0] != 1:
+    if prompt is not None and (prompt.ndim != 2 or prompt.shape[0] != 1):
         raise ValueError(f"prompt must have shape (1, P), got {tuple(prompt.shape)}")
+    if prompt is None and (cache is None or cache.offset == 0):
+        raise ValueError("no prompt: pass prompt ids or a cache that holds them")
     cache = cache if cache is not None else model.make_cache()
     key = key if key is not None else mx.random.key(int(time.time_ns() % 2**31))
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
@@ -93,7 +100,8 @@ def generate_step(
     pending = prompt  # tokens to encode before the next block
     produced = 0
     for block in range(math.ceil(max_tokens / C)):
-        model.encode(pending, cache)
+        if pending is not None:
+            model.encode(pending, cache)
         key, k_init = mx.random.split(key)
         canvas = sampling.random_canvas((1, C), V, key=k_init)
         history = sampling.new_history(g.stability_threshold, 1, C)
@@ -114,7 +122,182 @@ def generate_step(
         keep = min(cut, max_tokens - produced)
         produced += keep
         reason = "eos" if hits and keep == cut else "length" if produced >= max_tokens else None
-        yield Commit(block, tokens[:keep], steps, reason is not None, reason)
+        eos_token = tokens[cut] if reason == "eos" else None
+        yield Commit(block, tokens[:keep], steps, reason is not None, reason, eos_token, cut + 1 if hits else C)
         if reason is not None:
             return
         pending = argmax
+
+
+# ---- text ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """A committed block as text: what it added to the answer and to the thought channel."""
+
+    index: int
+    tokens: list[int]
+    text: str
+    thought: str
+    steps: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of a generation, with its statistics."""
+
+    finish_reason: str  # "eos" or "length"
+    text: str
+    thought: str
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    denoising_steps: int
+    tokens_per_forward: float  # transformers' definition: tokens through the EOS / decoder forward passes
+    peak_memory_gb: float
+    eos: int | None = None  # the EOS token that ended the output (not part of the text)
+
+
+def render_prompt(
+    tokenizer,
+    prompt: str | list[dict] | list[int],
+    system: str | None = None,
+    enable_thinking: bool = False,
+    raw: bool = False,
+) -> list[int]:
+    """Token ids for a prompt: a string rendered as one user turn with the chat template (optionally after a
+    system prompt), a list of chat messages, ids as they are, or (raw) a string tokenized without a template."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    elif raw:
+        if not isinstance(prompt, str):
+            raise ValueError("raw mode takes a string prompt")
+        ids = tokenizer.encode(prompt)
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if system is not None:
+            messages = [{"role": "system", "content": system}] + messages
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, enable_thinking=enable_thinking
+        )
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    if not ids or (isinstance(prompt, str) and not prompt.strip()):
+        raise ValueError("the prompt is empty")
+    return ids
+
+
+class _TextStream:
+    """Routes committed tokens to the answer or the thought channel and detokenizes each incrementally."""
+
+    HEADER = "thought\n"  # the channel name that follows <|channel>
+
+    def __init__(self, tokenizer, in_thought: bool = False):
+        self.open = _token_id(tokenizer, "<|channel>")
+        self.close = _token_id(tokenizer, "<channel|>")
+        self.answer, self.thought = copy.copy(tokenizer.detokenizer), copy.copy(tokenizer.detokenizer)
+        self.answer.reset()
+        self.thought.reset()
+        self.in_thought = in_thought
+        self.thought_sent = 0
+
+    def add(self, tokens: list[int], final: bool = False) -> tuple[str, str]:
+        for t in tokens:
+            if t == self.open:
+                self.in_thought = True
+            elif t == self.close:
+                self.in_thought = False
+            else:
+                (self.thought if self.in_thought else self.answer).add_token(t)
+        if final:
+            self.answer.finalize()
+            self.thought.finalize()
+        text = self.thought.text
+        if self.HEADER.startswith(text):
+            text = ""
+        elif text.startswith(self.HEADER):
+            text = text[len(self.HEADER) :]
+        new_thought, self.thought_sent = text[self.thought_sent :], len(text)
+        return self.answer.last_segment, new_thought
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    i = tokenizer.convert_tokens_to_ids(token)
+    return i if isinstance(i, int) and i != getattr(tokenizer, "unk_token_id", None) else None
+
+
+def stream_generate(
+    model: Model,
+    tokenizer,
+    prompt: str | list[dict] | list[int],
+    *,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    enable_thinking: bool = False,
+    raw: bool = False,
+    seed: int | None = None,
+    cache: PromptCache | None = None,
+    **overrides,
+) -> Iterator[Step | Block | Done]:
+    """Generate text by block diffusion, yielding a `Step` per denoising step, a `Block` per committed block and
+    one final `Done`. Settings default to the checkpoint's generation_config.json; keyword overrides use its names
+    (max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, eos_token_id).
+    The same seed reproduces a run on the same machine."""
+    g = settings(model, **overrides)
+    max_tokens = g.max_new_tokens if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    ids = render_prompt(tokenizer, prompt, system, enable_thinking, raw)
+    yield from _stream(model, tokenizer, ids, g, max_tokens, cache or model.make_cache(), seed)
+
+
+def _stream(model, tokenizer, ids, g, max_tokens, cache, seed, in_thought=None) -> Iterator[Step | Block | Done]:
+    key = mx.random.key(seed if seed is not None else time.time_ns() % 2**31)
+    stream = _TextStream(tokenizer, in_thought if in_thought is not None else _opens_thought(tokenizer, ids))
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    model.encode(mx.array([ids]), cache)
+    cache.materialize()
+    prompt_time = time.perf_counter() - tic
+    tic = time.perf_counter()
+    texts, thoughts, n_tokens, generated, steps = [], [], 0, 0, 0
+    for event in generate_step(model, None, g, max_tokens, cache, key):
+        if isinstance(event, Step):
+            yield event
+            continue
+        text, thought = stream.add(event.tokens, final=event.finished)
+        texts.append(text)
+        thoughts.append(thought)
+        n_tokens, generated, steps = n_tokens + len(event.tokens), generated + event.generated, steps + event.steps
+        yield Block(event.block, event.tokens, text, thought, event.steps)
+        if event.finished:
+            gen_time = time.perf_counter() - tic
+            yield Done(
+                finish_reason=event.finish_reason,
+                text="".join(texts),
+                thought="".join(thoughts),
+                prompt_tokens=len(ids),
+                prompt_tps=len(ids) / max(prompt_time, 1e-9),
+                generation_tokens=n_tokens,
+                generation_tps=n_tokens / max(gen_time, 1e-9),
+                denoising_steps=steps,
+                tokens_per_forward=generated / max(steps, 1),
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                eos=event.eos,
+            )
+
+
+def _opens_thought(tokenizer, ids: list[int]) -> bool:
+    """Whether the prompt leaves the thought channel open (the model continues inside it)."""
+    open_, close = _token_id(tokenizer, "<|channel>"), _token_id(tokenizer, "<channel|>")
+    last_open = max((i for i, t in enumerate(ids) if t == open_), default=-1)
+    return last_open >= 0 and close not in ids[last_open:]
+
+
+def generate(model: Model, tokenizer, prompt: str | list[dict] | list[int], **kwargs) -> str:
+    """The answer text (the thought channel excluded); keyword arguments as for `stream_generate`."""
+    for event in stream_generate(model, tokenizer, prompt, **kwargs):
+        if isinstance(event, Done):
+            return event.text
+    raise AssertionError("stream_generate ended without Done")

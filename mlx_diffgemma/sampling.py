@@ -14,16 +14,21 @@ def temperature(step: int | mx.array, t_min: float, t_max: float, max_steps: int
 
 
 def entropy(logits: mx.array) -> mx.array:
-    """Entropy of softmax(logits) over the last axis, (B, C, V) -> (B, C), in float32."""
-    logits = logits.astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return -(mx.exp(logp) * logp).sum(axis=-1)
+    """Entropy of softmax(logits) over the last axis, (B, C, V) -> (B, C), in float32:
+    log(sum(e)) - sum(e * z) / sum(e) with z = x - max(x), e = exp(z) (one exponential per logit, and no
+    cancellation between large terms when the distribution is sharp)."""
+    x = logits.astype(mx.float32)
+    z = x - x.max(axis=-1, keepdims=True)
+    e = mx.exp(z)
+    total = e.sum(axis=-1)
+    return mx.log(total) - (e * z).sum(axis=-1) / total
 
 
-def accept_mask(logits: mx.array, entropy_bound: float) -> mx.array:
+def accept_mask(logits: mx.array, entropy_bound: float, h: mx.array | None = None) -> mx.array:
     """EntropyBoundSampler acceptance: sort entropies ascending and accept the longest prefix whose cumulative sum
-    minus its own largest entropy is <= entropy_bound (the lowest-entropy position is always accepted)."""
-    h = entropy(logits)  # (B, C)
+    minus its own largest entropy is <= entropy_bound (the lowest-entropy position is always accepted).
+    `h`: the entropies of `logits`, when already computed."""
+    h = entropy(logits) if h is None else h  # (B, C)
     order = mx.argsort(h, axis=-1)
     sorted_h = mx.take_along_axis(h, order, axis=-1)
     selected = (mx.cumsum(sorted_h, axis=-1) - sorted_h) <= entropy_bound
@@ -56,15 +61,16 @@ def new_history(stability_threshold: int, batch: int, canvas: int) -> mx.array:
 
 
 def stop_criterion(
-    history: mx.array, argmax: mx.array, logits: mx.array, confidence_threshold: float
+    history: mx.array, argmax: mx.array, logits: mx.array, confidence_threshold: float, h: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
     """StableAndConfidentStoppingCriteria: stop where the argmax canvas equals each of the last
     `stability_threshold` ones (history (S, B, C); S = 0 means always stable) and the mean entropy of the
-    temperature-scaled logits is below `confidence_threshold`. Returns (stop (B,), updated history)."""
+    temperature-scaled logits is below `confidence_threshold`. Returns (stop (B,), updated history).
+    `h`: the entropies of `logits`, when already computed."""
     if history.shape[0] == 0:
         stable = mx.ones((argmax.shape[0],), dtype=mx.bool_)
     else:
         stable = (history == argmax[None].astype(history.dtype)).all(axis=(0, 2))
         history = mx.concatenate([history[1:], argmax[None].astype(history.dtype)], axis=0)
-    confident = entropy(logits).mean(axis=-1) < confidence_threshold
+    confident = (entropy(logits) if h is None else h).mean(axis=-1) < confidence_threshold
     return stable & confident, history

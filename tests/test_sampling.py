@@ -69,10 +69,11 @@ def test_accept_mask_edge_cases():
     sharp[..., 7] = 30.0  # every position certain: all accepted
     assert np.array(sampling.accept_mask(mx.array(sharp), 0.1)).all()
     assert _reference_mask(sharp, 0.1).all()
-    flat = _logits(0.01, 3)  # every position near-uniform: only the lowest-entropy one
+    flat = _logits(0.01, 3)  # every position near-uniform: none accepted but the lowest-entropy one
+    flat[:, 9] *= 50  # (made clearly the lowest, away from float-noise near-ties)
     got, want = np.array(sampling.accept_mask(mx.array(flat), 0.1)), _reference_mask(flat, 0.1)
     np.testing.assert_array_equal(got, want)
-    assert (got.sum(-1) == 1).all()
+    assert (got.sum(-1) == 1).all() and got[:, 9].all()
 
 
 def test_accept_and_renoise_match_the_sampler():
