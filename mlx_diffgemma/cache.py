@@ -7,7 +7,12 @@ instead of copying the cache. Arrays are (B, kv_heads, positions, head_dim).
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 
@@ -101,6 +106,19 @@ class PromptCache:
         """KV sources for `denoise`: attend to the cache plus the new tokens, leaving the cache untouched."""
         return [context_source(c.context()) for c in self.layers]
 
+    def snapshot(self) -> list[tuple]:
+        """A cheap restore point (no copies): encoding only appends past each layer's offset (full layers) or
+        replaces the window arrays (sliding layers), so the references taken here stay valid."""
+        return [(c.keys, c.values, c.offset) for c in self.layers]
+
+    def restore(self, snapshot: list[tuple]) -> None:
+        """Drop everything encoded since `snapshot` was taken."""
+        for c, (keys, values, offset) in zip(self.layers, snapshot):
+            if isinstance(c, FullAttentionCache) and c.keys is not None:
+                c.offset = offset  # positions before it were never written since
+            else:
+                c.set_state(keys, values, offset)
+
     def materialize(self) -> None:
         """Evaluate every layer's cached K/V."""
         mx.eval([kv for kv in self.state() if kv is not None])
@@ -120,3 +138,49 @@ def context_source(context: KV | None) -> KVSource:
         return mx.concatenate([context[0], k], axis=2), mx.concatenate([context[1], v], axis=2)
 
     return read
+
+
+class CacheFileError(ValueError):
+    """A saved cache that cannot be restored here, with the reason in one line."""
+
+
+FORMAT = "mlx-diffgemma-cache/1"
+
+
+def save_cache(path: str | Path, cache: PromptCache, metadata: dict[str, Any]) -> None:
+    """Write the cache's K/V and `metadata` (JSON-able) to a safetensors file, atomically: a temporary file beside
+    `path` renamed into place once complete, so an interrupted save leaves no file that loads."""
+    path = Path(path)
+    arrays: dict[str, mx.array] = {}
+    for i, kv in enumerate(cache.state()):
+        if kv is not None:
+            arrays[f"{i}.keys"], arrays[f"{i}.values"] = kv
+    meta = {"format": FORMAT, "offsets": json.dumps([c.offset for c in cache.layers]), "meta": json.dumps(metadata)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_cache(path: str | Path, cache: PromptCache) -> dict[str, Any]:
+    """Fill an empty `cache` (from the same model's make_cache) from a file written by save_cache; returns the
+    metadata it was saved with."""
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+    except Exception as e:  # MLX raises several types for missing or damaged files
+        raise CacheFileError(f"cannot read cache file {path}: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise CacheFileError(f"{path} is not an mlx-diffgemma cache file (format {meta.get('format')!r})")
+    offsets = json.loads(meta["offsets"])
+    if len(offsets) != len(cache.layers):
+        raise CacheFileError(f"{path} holds {len(offsets)} layers, this model has {len(cache.layers)}")
+    for i, (layer, offset) in enumerate(zip(cache.layers, offsets)):
+        if f"{i}.keys" in arrays:
+            layer.set_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], offset)
+    return json.loads(meta["meta"])
