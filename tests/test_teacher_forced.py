@@ -81,6 +81,8 @@ def test_denoising_steps_match_transformers(checkpoint):
             )
             mask_t = sampler.accepted_token_mask.numpy()
             assert int(accepted[0]) == int(mask_t.sum()), f"accepted count, block {block} step {step}"
+            mask = np.array(sampling.accept_mask(processed, g.entropy_bound))
+            np.testing.assert_array_equal(mask, mask_t, err_msg=f"accepted mask, block {block} step {step}")
             np.testing.assert_array_equal(np.array(new_canvas), canvas_t.numpy(), err_msg=f"canvas, step {step}")
             assert bool(stop.item()) == bool(finished.all()), f"stop decision, block {block} step {step}"
             np.testing.assert_allclose(np.array(processed), sc_t.float().numpy(), atol=1e-4)
