@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, GenerationConfig, ModelConfig
-from .model import Model
+from .model import Model, our_name
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -113,26 +114,50 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
         config = ModelConfig.from_file(path / "config.json")
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    if config.quantization:
-        raise LoadError(f"{path} is a quantized conversion; quantized loading is not supported by this version")
     model = Model(config)
     weights = Model.sanitize(load_weights(path))
+    if config.quantization:
+        quantize_like(model, config.quantization, weights)
     check_weights(model, weights)
     target = _dtype(dtype)
-    if target is not None:
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    else:  # one dtype for the whole model: the one most weights are stored in
+    floats = {k: v for k, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+    if target is None:  # one dtype for the whole model: the one most floating weights are stored in
         target = max(
-            {v.dtype for v in weights.values()},
-            key=lambda d: sum(math.prod(v.shape) for v in weights.values() if v.dtype == d),
+            {v.dtype for v in floats.values()},
+            key=lambda d: sum(math.prod(v.shape) for v in floats.values() if v.dtype == d),
         )
-        weights = {k: v.astype(target) for k, v in weights.items()}
+    weights.update({k: v.astype(target) for k, v in floats.items()})
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
     model.generation_config = GenerationConfig.from_file(path / "generation_config.json", config.text_config)
     return model
+
+
+def quantize_like(model: Model, quantization: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Turn the modules a conversion quantized into quantized modules, mlx-lm style: the `quantization` block
+    holds the defaults (group_size, bits, mode) and per-module entries (a dict of settings, or false); any other
+    module is quantized when the weights hold its scales. Module paths are mapped like weight names."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+    overrides: dict[str, Any] = {}
+    for path, value in quantization.items():
+        if isinstance(value, (dict, bool)):
+            ours = our_name(path + ".weight")
+            if ours is not None:
+                overrides[ours.removesuffix(".weight")] = {**defaults, **value} if isinstance(value, dict) else value
+
+    def predicate(path: str, module) -> bool | dict:
+        if path in overrides:
+            return overrides[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return dict(defaults)
+
+    try:
+        nn.quantize(model, class_predicate=predicate)
+    except (ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"cannot rebuild the quantized model from its quantization block: {e}") from None
 
 
 def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:

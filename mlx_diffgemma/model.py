@@ -123,6 +123,41 @@ class SwitchLinear(nn.Module):
     def dense(self, x: mx.array) -> mx.array:  # (N, in) -> (E, N, out): every expert on every token
         return x @ self.weight.swapaxes(-1, -2)
 
+    def to_quantized(
+        self, group_size: int | None = None, bits: int | None = None, mode: str = "affine", quantize_input: bool = False
+    ) -> QuantizedSwitchLinear:
+        if quantize_input:
+            raise ValueError("activation quantization is not supported for experts")
+        q = QuantizedSwitchLinear(group_size, bits, mode)
+        q.weight, q.scales, *biases = mx.quantize(self.weight, q.group_size, q.bits, mode=mode)
+        if biases:
+            q.biases = biases[0]
+        return q
+
+
+class QuantizedSwitchLinear(nn.Module):
+    """Quantized per-expert weights, applied with gather_qmm (any MLX quantization mode)."""
+
+    def __init__(self, group_size: int | None, bits: int | None, mode: str):
+        super().__init__()
+        defaults = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}[mode]
+        self.group_size, self.bits, self.mode = group_size or defaults[0], bits or defaults[1], mode
+        self.freeze()
+
+    def gather(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            rhs_indices=idx,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
 
 def _expert_path(x: mx.array) -> str:
     """ "gather" (gather_mm over the chosen experts) or "dense" (every expert; MLX's CPU gather_mm is float32-only
@@ -277,7 +312,21 @@ class Model(nn.Module):
     def soft_embed(self, logits: mx.array) -> mx.array:
         """softmax(logits) (float32) @ embedding matrix * sqrt(hidden): (B, C, V) -> (B, C, H)."""
         p = mx.softmax(logits.astype(mx.float32), axis=-1).astype(self.dtype)
-        return (p @ self.embed_tokens.weight) * mx.array(self.args.embed_scale, dtype=self.dtype)
+        e = self.embed_tokens
+        if isinstance(e, nn.QuantizedEmbedding):  # the same quantized table the input and the head use
+            table = mx.quantized_matmul(
+                p,
+                e.weight,
+                e.scales,
+                e.get("biases"),
+                transpose=False,
+                group_size=e.group_size,
+                bits=e.bits,
+                mode=e.mode,
+            )
+        else:
+            table = p @ e.weight
+        return table * mx.array(self.args.embed_scale, dtype=self.dtype)
 
     def logits(self, h: mx.array) -> mx.array:
         """Tied LM head, then the final softcap in float32."""
@@ -324,30 +373,39 @@ class Model(nn.Module):
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map Hugging Face names to ours. transformers saves the shared weights under `model.decoder.` and only
-        the encoder's layer scalars under `model.encoder.language_model.`; a checkpoint that stores the shared
-        weights on the encoder side is read from there. The vision tower and the tied lm_head are dropped."""
-        out: dict[str, mx.array] = {}
-        encoder_side: dict[str, mx.array] = {}
-        for name, w in weights.items():
-            if (
-                name.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision."))
-                or name == "lm_head.weight"
-            ):
+        """Map checkpoint names to ours (see `sanitize_names`); drops the vision tower and the tied lm_head."""
+        return {ours: weights[src] for ours, src in Model.sanitize_names(list(weights)).items()}
+
+    @staticmethod
+    def sanitize_names(names: list[str]) -> dict[str, str]:
+        """{our name: checkpoint name} for every tensor the text model uses.
+
+        Hugging Face: transformers saves the shared weights under `model.decoder.` and only the encoder's layer
+        scalars under `model.encoder.language_model.`; a checkpoint that stores the shared weights on the encoder
+        side is read from there. mlx-vlm conversions keep the `model.decoder.` names with fused, possibly
+        quantized `experts.gate_up_proj.{weight,scales,biases}`. Our own names map to themselves."""
+        out: dict[str, str] = {}
+        encoder_side: dict[str, str] = {}
+        for name in names:
+            ours = our_name(name)
+            if ours is None:
                 continue
-            if m := re.fullmatch(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar", name):
-                out[f"layers.{m[1]}.encoder_layer_scalar"] = w
-                continue
-            if name.startswith("model.encoder.language_model."):
-                encoder_side[_ours(name[len("model.encoder.language_model.") :])] = w
-                continue
-            out[_ours(name.removeprefix("model.decoder."))] = w
-        for name, w in encoder_side.items():
-            out.setdefault(name, w)
+            if name.startswith("model.encoder.language_model.") and not ours.endswith("encoder_layer_scalar"):
+                encoder_side[ours] = name
+            else:
+                out[ours] = name
+        for ours, name in encoder_side.items():
+            out.setdefault(ours, name)
         return out
 
 
-def _ours(name: str) -> str:
+def our_name(name: str) -> str | None:
+    """Our name for one checkpoint tensor name (or module path), None for what the text model does not use."""
+    if name.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")) or name.startswith("lm_head"):
+        return None
+    if m := re.fullmatch(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar", name):
+        return f"layers.{m[1]}.encoder_layer_scalar"
+    name = name.removeprefix("model.encoder.language_model.").removeprefix("model.decoder.")
     return re.sub(r"experts\.(gate_up_proj|down_proj)$", r"experts.\1.weight", name)
 
 
