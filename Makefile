@@ -36,4 +36,4 @@ parity: setup
 	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma parity
 
 lint: setup
-	$(VENV)/bin/ruff check mlx_diffgemma tests benchmarks
+	$(VENV)/bin/ruff check mlx_diffgemma convert tests benchmarks

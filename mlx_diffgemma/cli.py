@@ -60,6 +60,71 @@ def parity(
 
 
 @app.command()
+def convert(
+    hf_path: Annotated[str, typer.Option("--hf-path", help="Hugging Face folder or cached repo id.")],
+    mlx_path: Annotated[Optional[Path], typer.Option("--mlx-path", help="Output folder.")] = None,
+    quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize (default 4-bit affine).")] = False,
+    q_bits: Annotated[Optional[int], typer.Option("--q-bits", help="Bits per weight (affine).")] = None,
+    q_group_size: Annotated[Optional[int], typer.Option("--q-group-size", help="Group size: 32, 64 or 128.")] = None,
+    q_mode: Annotated[Optional[str], typer.Option("--q-mode", help="affine, mxfp4 or mxfp8.")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32.")] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="A named recipe (see --report).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    report: Annotated[
+        bool, typer.Option("--report", help="Print the size of every recipe for this model and exit.")
+    ] = False,
+) -> None:
+    """Convert Hugging Face DiffusionGemma weights to an MLX folder, optionally quantized."""
+    from mlx_diffgemma.convert import RECIPES, ConvertError, RecipeError, resolve
+    from mlx_diffgemma.convert import convert as run_convert
+
+    try:
+        chosen = resolve(recipe, quantize, q_bits, q_group_size, q_mode)
+    except RecipeError as e:
+        _fail(str(e), 2)
+    try:
+        if report:
+            typer.echo(_size_report(hf_path, dtype, [chosen] if recipe or quantize else list(RECIPES.values())))
+            return
+        if mlx_path is None:
+            _fail("--mlx-path is required", 2)
+        out = run_convert(
+            hf_path,
+            mlx_path,
+            chosen,
+            dtype=dtype,
+            force=force,
+            progress=sys.stderr.isatty(),
+            log=lambda s: typer.echo(s, err=True),
+        )
+    except ConvertError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.strerror or e}: {e.filename or ''}".strip(": "))
+    typer.echo(f"wrote {out}")
+
+
+def _size_report(hf_path: str, dtype: str | None, recipes) -> str:
+    """From the checkpoint's headers when it has weights, else from its config alone."""
+    from mlx_diffgemma.config import ModelConfig
+    from mlx_diffgemma.convert import ConvertError, inspect_source, plan_for_config, size_report
+    from mlx_diffgemma.convert.plan import make_plan
+    from mlx_diffgemma.loading import DTYPES, resolve_path
+
+    folder = resolve_path(hf_path)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if any(folder.glob("*.safetensors")):
+        src = inspect_source(folder)
+        target = DTYPES[dtype] if dtype else src.float_dtype()
+        plans = [make_plan(src.text, src.vision, r, target) for r in recipes]
+    else:
+        config = ModelConfig.from_file(folder / "config.json")
+        plans = [plan_for_config(config, r, DTYPES[dtype or "bfloat16"]) for r in recipes]
+    return size_report(plans)
+
+
+@app.command()
 def info(path: Annotated[str, typer.Argument(help="Model folder or cached Hugging Face repo id.")]) -> None:
     """Architecture and generation defaults of a checkpoint."""
     from .config import ConfigError, GenerationConfig, ModelConfig

@@ -132,6 +132,7 @@ def build_checkpoint(path: str | Path, fixture: str | Fixture = "basic", seed: i
             num_attention_heads=2,
             num_key_value_heads=2,
             head_dim=16,
+            position_embedding_size=64,
         ),
         canvas_length=f.canvas_length,
         **f.extra,

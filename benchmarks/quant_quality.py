@@ -1,0 +1,58 @@
+"""Quantization quality per recipe: every recipe converts a tiny checkpoint and is compared with the unquantized
+model (max |logit difference|, relative RMS error, top-1 agreement over denoised positions), and with its own
+dequantized twin (which it must equal to float32 noise: that proves the quantized path).
+
+On random weights the error says little about a trained model (see DESIGN.md, "Measured facts"): the fixture is
+the trained-like "tamed" one (q/k norms at head_dim^-1/4). The trained demo model will be added when it exists.
+
+    python benchmarks/quant_quality.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_diffgemma import load
+from mlx_diffgemma import reference as ref
+from mlx_diffgemma.convert import RECIPES, convert
+from mlx_diffgemma.convert.quality import dequantized, logit_metrics
+
+
+def denoised_logits(model, blocks: int = 4, seed: int = 0) -> np.ndarray:
+    """Logits over several blocks (batch 2): encode a prompt, then denoise and commit block after block."""
+    rng = np.random.default_rng(seed)
+    V, C = model.args.vocab_size, model.canvas_length
+    cache = model.make_cache()
+    model.encode(mx.array(rng.integers(0, V, (2, model.args.sliding_window + 5))), cache)
+    out = []
+    for _ in range(blocks):
+        canvas = mx.array(rng.integers(0, V, (2, C)))
+        first = model.denoise(canvas, cache)
+        second = model.denoise(canvas, cache, first)
+        out += [np.array(first), np.array(second)]
+        model.encode(mx.array(rng.integers(0, V, (2, C))), cache)
+    return np.concatenate([o.reshape(-1, V) for o in out])
+
+
+def main() -> None:
+    ref.quiet()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = ref.build_checkpoint(Path(tmp) / "tamed", "tamed", seed=0)
+        base = denoised_logits(load(src)[0])
+        print(f"fixture 'tamed' (float32 conversions), {base.shape[0]} denoised positions; MLX {mx.__version__}")
+        print("| recipe | vs dequantized twin: max abs | vs unquantized: max abs | relative RMS | top-1 |")
+        print("|---|---|---|---|---|")
+        for name, recipe in RECIPES.items():
+            model = load(convert(src, Path(tmp) / name, recipe, dtype="float32", log=lambda s: None))[0]
+            got = denoised_logits(model)
+            twin = float(np.abs(got - denoised_logits(dequantized(model))).max())
+            m = logit_metrics(got, base)
+            print(f"| {name} | {twin:.1e} | {m['max_abs']:.3f} | {m['rel_rms']:.4f} | {100 * m['top1']:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
