@@ -155,7 +155,8 @@ def info(path: Annotated[str, typer.Argument(help="Model folder or cached Huggin
             "feed-forward",
             f"dense {t.intermediate_size} + {t.num_experts} experts x {t.moe_intermediate_size}, top-{t.top_k_experts}",
         ),
-        ("quantization", str(cfg.quantization or "none")),
+        ("quantization", _quantization_summary(cfg.quantization)),
+        ("weights", f"{sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 1e9:.2f} GB on disk"),
         (
             "generation",
             f"steps {gen.max_denoising_steps}, entropy bound {gen.entropy_bound}, t {gen.t_min}..{gen.t_max}, "
@@ -165,6 +166,17 @@ def info(path: Annotated[str, typer.Argument(help="Model folder or cached Huggin
     ]
     for key, value in rows:
         typer.echo(f"{key:<14}{value}")
+
+
+def _quantization_summary(q: dict | None) -> str:
+    if not q:
+        return "none"
+    per_module = [v for v in q.values() if isinstance(v, dict)]
+    kept = sum(1 for v in q.values() if v is False)
+    return (
+        f"{q.get('mode', 'affine')} {q.get('bits')}-bit, group {q.get('group_size')}; "
+        f"{len(per_module)} modules with their own settings, {kept} left unquantized"
+    )
 
 
 def run() -> None:
