@@ -12,7 +12,8 @@ else
   RUN_ENV = env
 endif
 
-.PHONY: setup openblas test parity lint
+DEMO := .cache/tiny-random
+.PHONY: setup openblas test parity demo lint
 setup: $(VENV)/.installed openblas
 
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +35,12 @@ test: setup
 
 parity: setup
 	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma parity
+
+# The main job until the trained demo model exists: a tiny RANDOM checkpoint (its output is noise) generating
+# through the real tokenizer, chat template, sampler and live view.
+demo: setup
+	@[ -e $(DEMO)/config.json ] || $(PY) -m mlx_diffgemma.reference $(DEMO) "$$($(PY) tests/tools/build_gemma4_tokenizer.py)"
+	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma generate --model $(DEMO) -p "Write a haiku about the sea." -m 64 --seed 0 --verbose
 
 lint: setup
 	$(VENV)/bin/ruff check mlx_diffgemma convert tests benchmarks

@@ -42,6 +42,227 @@ def main(
     """DiffusionGemma (block-diffusion Gemma 4 MoE) on MLX."""
 
 
+# ---- generate / chat -------------------------------------------------------------------------------------------
+
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Max denoising steps per block.")]
+EntropyBound = Annotated[Optional[float], typer.Option("--entropy-bound", help="Acceptance entropy bound.")]
+TMin = Annotated[Optional[float], typer.Option("--t-min", help="Temperature at the last step.")]
+TMax = Annotated[Optional[float], typer.Option("--t-max", help="Temperature at the first step.")]
+Stability = Annotated[Optional[int], typer.Option("--stability", help="Steps the argmax must hold to stop early.")]
+Confidence = Annotated[Optional[float], typer.Option("--confidence", help="Mean entropy under which to stop.")]
+Model_ = Annotated[str, typer.Option("--model", help="Model folder or cached Hugging Face repo id.")]
+MaxTokens = Annotated[Optional[int], typer.Option("-m", "--max-tokens", help="Most tokens to generate.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed (the same seed repeats a run).")]
+System = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+Think = Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first (thought channel).")]
+Live = Annotated[Optional[bool], typer.Option("--live/--no-live", help="Live canvas (default: on a terminal).")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: stored).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+def _settings(steps, entropy_bound, t_min, t_max, stability, confidence) -> dict:
+    return {
+        k: v
+        for k, v in dict(
+            max_denoising_steps=steps,
+            entropy_bound=entropy_bound,
+            t_min=t_min,
+            t_max=t_max,
+            stability_threshold=stability,
+            confidence_threshold=confidence,
+        ).items()
+        if v is not None
+    }
+
+
+def _check_flags(overrides: dict, max_tokens: int | None) -> None:
+    """Flag values that are wrong whatever the checkpoint says: a usage error before loading anything."""
+    import dataclasses
+
+    from .config import ConfigError, GenerationConfig
+
+    g = GenerationConfig()
+    try:
+        g = dataclasses.replace(g, **overrides)
+        if "t_min" in overrides and "t_max" not in overrides and g.t_min >= g.t_max:
+            g.t_max = g.t_min + 1  # t_max comes from the checkpoint; checked again after loading
+        if "t_max" in overrides and "t_min" not in overrides and g.t_min >= g.t_max:
+            g.t_min = 0.0
+        g.validate()
+    except ConfigError as e:
+        _fail(str(e), 2)
+    if max_tokens is not None and max_tokens <= 0:
+        _fail(f"--max-tokens must be a positive integer, got {max_tokens}", 2)
+
+
+def _load(model: str, dtype: str | None):
+    from .loading import DTYPES, LoadError, load
+
+    if dtype is not None and dtype not in DTYPES:
+        _fail(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}", 2)
+    try:
+        m, tok = load(model, dtype=dtype)
+    except LoadError as e:
+        _fail(str(e))
+    if tok is None:
+        _fail(f"{model} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    return m, tok
+
+
+def _use_live(live: bool | None, as_json: bool) -> bool:
+    return not as_json and (sys.stdout.isatty() if live is None else live)
+
+
+def _render(events, tok, model, live: bool, as_json: bool, verbose: bool, steps: int):
+    from .render import LiveView, render_json, render_plain
+
+    if as_json:
+        return render_json(events)
+    if live:
+        return LiveView(tok, steps, model.canvas_length).run(events, verbose=verbose)
+    return render_plain(events, verbose=verbose, final_newline=sys.stdout.isatty())
+
+
+@app.command()
+def generate(
+    model: Model_,
+    prompt: Annotated[str, typer.Option("-p", "--prompt", help="The prompt ('-' reads stdin).")],
+    max_tokens: MaxTokens = None,
+    steps: Steps = None,
+    entropy_bound: EntropyBound = None,
+    t_min: TMin = None,
+    t_max: TMax = None,
+    stability: Stability = None,
+    confidence: Confidence = None,
+    seed: Seed = None,
+    system: System = None,
+    think: Think = False,
+    raw: Annotated[bool, typer.Option("--raw", help="No chat template: the prompt is the text as it is.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Print the run's statistics at the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event, for pipelines.")] = False,
+    live: Live = None,
+    dtype: Dtype = None,
+    debug: Debug = False,
+) -> None:
+    """Generate text by block diffusion; on a terminal, watch each block's canvas settle."""
+    from .config import ConfigError
+    from .generate import ContextError, stream_generate
+
+    overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
+    _check_flags(overrides, max_tokens)
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        _fail("the prompt is empty", 2)
+    m, tok = _load(model, dtype)
+    try:
+        events = stream_generate(
+            m, tok, text, max_tokens=max_tokens, system=system, enable_thinking=think, raw=raw, seed=seed, **overrides
+        )
+        n_steps = overrides.get("max_denoising_steps", m.generation_config.max_denoising_steps)
+        _render(events, tok, m, _use_live(live, as_json), as_json, verbose, n_steps)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except ContextError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def chat(
+    model: Model_,
+    max_tokens: MaxTokens = None,
+    steps: Steps = None,
+    entropy_bound: EntropyBound = None,
+    t_min: TMin = None,
+    t_max: TMax = None,
+    stability: Stability = None,
+    confidence: Confidence = None,
+    seed: Seed = None,
+    system: System = None,
+    think: Think = False,
+    live: Live = None,
+    dtype: Dtype = None,
+    debug: Debug = False,
+) -> None:
+    """Multi-turn chat that keeps the KV cache across turns. Commands: /reset, /system TEXT, /save FILE,
+    /load FILE, /quit."""
+    from .cache import CacheFileError
+    from .chat import ChatSession
+    from .config import ConfigError
+    from .generate import ContextError
+
+    overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
+    _check_flags(overrides, max_tokens)
+    m, tok = _load(model, dtype)
+    try:
+        session = ChatSession(m, tok, system=system, enable_thinking=think, **overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    tty = sys.stdin.isatty()
+    use_live = _use_live(live, False)
+    n_steps = session.settings.max_denoising_steps
+    turn = 0
+
+    def say(msg: str) -> None:
+        typer.echo(msg, err=True)
+
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        line = line.strip()
+        if not line:
+            continue
+        command, _, arg = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/reset":
+            session.reset(
+                session.messages[0]["content"]
+                if session.messages[:1] and session.messages[0]["role"] == "system"
+                else None
+            )
+            say("(conversation reset)")
+            continue
+        if command == "/system":
+            session.reset(arg.strip() or None)
+            say("(new conversation with this system prompt)" if arg.strip() else "(system prompt cleared)")
+            continue
+        if command in ("/save", "/load"):
+            if not arg.strip():
+                say(f"error: {command} needs a file name")
+                continue
+            try:
+                if command == "/save":
+                    session.save(Path(arg.strip()).expanduser())
+                    say(f"(saved to {arg.strip()})")
+                else:
+                    session = ChatSession.load(Path(arg.strip()).expanduser(), m, tok, **overrides)
+                    say(f"(loaded {arg.strip()}: {len(session.messages)} messages)")
+            except (CacheFileError, OSError) as e:
+                say(f"error: {e}")
+            continue
+        if command.startswith("/"):
+            say(f"error: unknown command {command}; try /reset, /system TEXT, /save FILE, /load FILE, /quit")
+            continue
+        events = session.send(line, max_tokens=max_tokens, seed=None if seed is None else seed + turn)
+        turn += 1
+        try:
+            _render(events, tok, m, use_live, False, False, n_steps)
+            if not use_live:
+                typer.echo("")
+        except ContextError as e:
+            say(f"error: {e}")
+        except KeyboardInterrupt:
+            events.close()
+            say("\n(interrupted; this turn was dropped)")
+
+
 @app.command()
 def parity(
     workdir: Annotated[
@@ -180,11 +401,25 @@ def _quantization_summary(q: dict | None) -> str:
 
 
 def run() -> None:
-    """Console-script entry point: clean one-line errors, never a traceback."""
+    """Console-script entry point: one-line errors (exit 2 for usage, 1 for the rest), never a traceback unless
+    --debug is given."""
+    debug = "--debug" in sys.argv
     try:
-        app()
+        code = app(standalone_mode=False)
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
+    except Exception as e:
+        if type(e).__name__ == "Abort":  # Typer's click raises its own Abort on Ctrl-C at a prompt
+            code = 130
+        elif hasattr(e, "format_message") and getattr(e, "exit_code", None) == 2:  # a usage error (bad flag)
+            typer.echo(f"error: {e.format_message()}", err=True)
+            code = 2
+        elif debug:
+            raise
+        else:  # a bug or an unforeseen failure: say what it was in one line
+            typer.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+            code = 1
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,12 @@ class Step:
     block: int  # 0-based block index
     step: int  # transformers' countdown: N on the first step of a block, 1 on the last possible one
     draft: mx.array  # (C,) the argmax canvas after this step (unevaluated until read)
-    accepted: mx.array  # () how many positions the sampler accepted this step
+    settled: mx.array  # (C,) bool: the positions the sampler accepted this step (the rest were renoised)
+
+    @property
+    def accepted(self) -> int:
+        """How many positions the sampler accepted this step."""
+        return int(self.settled.sum())
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
         noise = sampling.random_canvas(canvas.shape, vocab, key=k_noise).astype(canvas.dtype)
         canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, noise)
         stop, history = sampling.stop_criterion(history, argmax, processed, g.confidence_threshold, h)
-        return canvas, argmax, processed, mask.sum(axis=-1), stop.all(), history
+        return canvas, argmax, processed, mask, stop.all(), history
 
     return mx.compile(step_fn)
 
@@ -110,10 +115,10 @@ def generate_step(
             key, k_step = mx.random.split(key)
             logits = model.denoise(canvas, cache, sc)
             temp = mx.array(sampling.temperature(step, g.t_min, g.t_max, N), dtype=mx.float32)
-            canvas, argmax, sc, accepted, stop, history = step_fn(logits, canvas, history, temp, k_step)
+            canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, k_step)
             steps += 1
             mx.async_eval(canvas, argmax, stop)
-            yield Step(block, step, argmax[0], accepted[0])
+            yield Step(block, step, argmax[0], mask[0])
             if stop.item():  # the one host read per step
                 break
         tokens = argmax[0].tolist()
@@ -252,7 +257,23 @@ def stream_generate(
     yield from _stream(model, tokenizer, ids, g, max_tokens, cache or model.make_cache(), seed)
 
 
+class ContextError(ValueError):
+    """A prompt (with the blocks to generate) longer than the model's context."""
+
+
+def _check_context(model: Model, cache: PromptCache, n_prompt: int, max_tokens: int) -> None:
+    C, limit = model.canvas_length, model.args.max_position_embeddings
+    needed = cache.offset + n_prompt + math.ceil(max_tokens / C) * C
+    if needed > limit:
+        held = f" after {cache.offset} earlier tokens" if cache.offset else ""
+        raise ContextError(
+            f"the prompt has {n_prompt} tokens{held}; with {max_tokens} new tokens (in blocks of {C}) it needs "
+            f"{needed} positions, more than the model's context of {limit}"
+        )
+
+
 def _stream(model, tokenizer, ids, g, max_tokens, cache, seed, in_thought=None) -> Iterator[Step | Block | Done]:
+    _check_context(model, cache, len(ids), max_tokens)
     key = mx.random.key(seed if seed is not None else time.time_ns() % 2**31)
     stream = _TextStream(tokenizer, in_thought if in_thought is not None else _opens_thought(tokenizer, ids))
     mx.reset_peak_memory()

@@ -204,3 +204,38 @@ def relative_rms(a: np.ndarray, b: np.ndarray) -> float:
 
 def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a.argmax(-1) == b.argmax(-1)))
+
+
+def build_tiny_chat_model(path: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random model over the real 262,144-piece vocabulary, with a Gemma-4-compatible tokenizer folder's
+    files and Gemma 4's EOS ids: runs end to end (its output is noise: the weights are random)."""
+    import shutil
+
+    fx = Fixture("tiny-chat", {**FIXTURES["basic"].text, "vocab_size": 262_144, "sliding_window": 64}, canvas_length=16)
+    path = build_checkpoint(path, fx, seed=seed)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, path / f.name)
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "max_denoising_steps": 4,
+                "eos_token_id": [1, 106, 50],
+                "pad_token_id": 0,
+                "bos_token_id": 2,
+                "t_min": 0.4,
+                "t_max": 0.8,
+                "stability_threshold": 1,
+                "confidence_threshold": 0.005,
+                "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+            },
+            indent=2,
+        )
+    )
+    return path
+
+
+if __name__ == "__main__":  # python -m mlx_diffgemma.reference OUT_DIR TOKENIZER_DIR
+    import sys
+
+    quiet()
+    print(build_tiny_chat_model(sys.argv[1], sys.argv[2]))

@@ -46,28 +46,4 @@ def gemma4_tokenizer_dir():
 @pytest.fixture(scope="session")
 def chat_checkpoint(tmp_path_factory, gemma4_tokenizer_dir):
     """A tiny random model over the real 262,144-piece vocabulary, with the tokenizer and Gemma 4 EOS ids."""
-    import json
-    import shutil
-
-    fx = ref.Fixture(
-        "chat", {**ref.FIXTURES["basic"].text, "vocab_size": 262_144, "sliding_window": 64}, canvas_length=16
-    )
-    path = ref.build_checkpoint(tmp_path_factory.mktemp("chat") / "model", fx, seed=0)
-    for f in gemma4_tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    (path / "generation_config.json").write_text(
-        json.dumps(
-            {
-                "max_denoising_steps": 4,
-                "eos_token_id": [1, 106, 50],
-                "pad_token_id": 0,
-                "bos_token_id": 2,
-                "t_min": 0.4,
-                "t_max": 0.8,
-                "stability_threshold": 1,
-                "confidence_threshold": 0.005,
-                "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
-            }
-        )
-    )
-    return path
+    return ref.build_tiny_chat_model(tmp_path_factory.mktemp("chat") / "model", gemma4_tokenizer_dir)

@@ -1,0 +1,243 @@
+"""The real commands: generate (plain, JSON, live in a pseudo-terminal, Ctrl-C), chat, and the error table."""
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_diffgemma import generate, load
+from mlx_diffgemma.cli import app
+from mlx_diffgemma.convert import RECIPES, convert
+
+runner = CliRunner()
+PROMPT = "Write a haiku about the sea."
+
+
+def real(*args, input=None):
+    """The console command itself (python -m mlx_diffgemma), in a pipe."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_diffgemma", *map(str, args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(chat_checkpoint):
+    return chat_checkpoint
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    return load(model_dir)
+
+
+def test_pipe_prints_exactly_what_generate_returns(model_dir, loaded):
+    want = generate(*loaded, PROMPT, max_tokens=20, seed=3)
+    r = real("generate", "--model", model_dir, "-p", PROMPT, "-m", 20, "--seed", 3)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want and "\x1b" not in r.stdout and r.stderr == ""
+
+
+def test_plain_runner_stdin_verbose_and_settings(model_dir, loaded):
+    want = generate(*loaded, PROMPT, max_tokens=20, seed=4, max_denoising_steps=2, entropy_bound=0.5)
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(model_dir),
+            "-p",
+            "-",
+            "-m",
+            "20",
+            "--seed",
+            "4",
+            "--steps",
+            "2",
+            "--entropy-bound",
+            "0.5",
+            "--verbose",
+        ],
+        input=PROMPT,
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(want)
+    assert re.search(r"length · prompt \d+ tokens, .* 4 denoising steps, 8\.00 tokens per forward", r.stderr)
+
+
+def test_json_events(model_dir):
+    r = real("generate", "--model", model_dir, "-p", PROMPT, "-m", 20, "--seed", 5, "--json")
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "step" and kinds[-1] == "done" and kinds.count("block") == 2
+    assert all(len(e["draft"]) == 16 and e["accepted"] == sum(e["settled"]) for e in events if e["event"] == "step")
+    assert "".join(e["text"] for e in events if e["event"] == "block") == events[-1]["text"]
+
+
+def test_converted_folder(model_dir, tmp_path):
+    out = convert(model_dir, tmp_path / "q4", RECIPES["q4"], log=lambda s: None)
+    r = real("generate", "--model", out, "-p", PROMPT, "-m", 16, "--seed", 6)
+    assert r.returncode == 0 and r.stdout == generate(*load(out), PROMPT, max_tokens=16, seed=6)
+    info = real("info", out)
+    assert "affine 4-bit, group 64" in info.stdout and "GB on disk" in info.stdout
+
+
+def test_think_sends_the_thought_channel_apart(model_dir):
+    r = real("generate", "--model", model_dir, "-p", PROMPT, "-m", 16, "--seed", 7, "--think", "--json")
+    done = json.loads(r.stdout.splitlines()[-1])
+    assert r.returncode == 0 and set(done) >= {"text", "thought"}
+
+
+ERRORS = [
+    (["--model", "{missing}", "-p", "hi"], 1, "error: model folder {missing} does not exist"),
+    (["--model", "{other}", "-p", "hi"], 1, "error: model_type is 'llama', expected 'diffusion_gemma'"),
+    (
+        ["--model", "{model}", "-p", "hi", "--t-min", "0.9", "--t-max", "0.5"],
+        2,
+        "error: t_max must be greater than t_min (t_min=0.9, t_max=0.5)",
+    ),
+    (["--model", "{model}", "-p", "hi", "--steps", "abc"], 2, "error: Invalid value for '--steps'"),
+    (["--model", "{model}", "-p", "hi", "-m", "0"], 2, "error: --max-tokens must be a positive integer, got 0"),
+    (["--model", "{model}", "-p", "   "], 2, "error: the prompt is empty"),
+    (
+        ["--model", "{model}", "-p", "hi", "-m", "5000"],
+        1,
+        "error: the prompt has 14 tokens; with 5000 new tokens (in blocks of 16) it needs 5022 positions, more than "
+        "the model's context of 4096",
+    ),
+]
+
+
+@pytest.mark.parametrize("args,code,message", ERRORS)
+def test_error_table(model_dir, tmp_path, args, code, message):
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    paths = {"missing": tmp_path / "missing", "other": other, "model": model_dir}
+    r = real("generate", *[a.format(**paths) for a in args])
+    assert r.returncode == code, r.stderr
+    assert r.stderr.strip().splitlines() == [message.format(**paths)] or (
+        len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message.format(**paths))
+    ), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    r = real("info", tmp_path)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+
+
+class Terminal:
+    """A command in a pseudo-terminal, its output fed to a VT100 screen (pyte)."""
+
+    def __init__(self, args, cols=100, rows=30):
+        import pyte
+
+        self.screen = pyte.Screen(cols, rows)
+        self.stream = pyte.ByteStream(self.screen)
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        env = dict(os.environ, COLUMNS=str(cols), LINES=str(rows), TERM="xterm-256color")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "mlx_diffgemma", *map(str, args)],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            close_fds=True,
+        )
+        os.close(slave)
+        self.master, self.frames, self.raw = master, [], b""
+
+    def run(self, until=None, then=None) -> int:
+        fired = False
+        while True:
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(self.master, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.raw += data
+                self.stream.feed(data)
+                self.frames.append(self.text())
+                if until and not fired and until(self.frames[-1]):
+                    then(self.p)
+                    fired = True
+            elif self.p.poll() is not None:
+                break
+        return self.p.wait(timeout=60)
+
+    def text(self) -> str:
+        return "\n".join(line.rstrip() for line in self.screen.display)
+
+
+def ascii_words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z]{4,}", text)
+
+
+def printed(text: str, raw: bytes) -> bool:
+    """`text` went to the terminal as one piece (up to the line breaks a terminal-wide wrap puts at spaces). The
+    raw stream is checked, not the emulated screen: pyte mis-draws some combining sequences (Telugu vowel signs,
+    for one) that random tokens produce."""
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode("utf-8", "replace"))
+    return re.sub(r"\s", "", text) in re.sub(r"\s", "", plain)
+
+
+def test_live_view_in_a_terminal(model_dir, loaded):
+    want = generate(*loaded, PROMPT, max_tokens=40, seed=8)
+    t = Terminal(["generate", "--model", model_dir, "-p", PROMPT, "-m", 40, "--seed", 8])
+    assert t.run() == 0
+    live = [f for f in t.frames if re.search(r"block 2 · step \d/4 · \d+/16 accepted · [\d.]+ tok/s", f)]
+    assert live, "the status line never showed block 2"
+    final = t.text()
+    assert re.search(r"done \(length\) · 3 blocks · \d+ steps · [\d.]+ tok/s", final)
+    assert printed(want, t.raw)  # the committed text, printed for good
+    assert ascii_words(want)[0] in final
+    assert not re.search(r"block \d · step", final)  # the live region is gone
+
+
+def test_ctrl_c_keeps_committed_text_and_exits_130(model_dir, loaded):
+    first = [
+        e
+        for e in __import__("mlx_diffgemma").stream_generate(*loaded, PROMPT, max_tokens=64, seed=9)
+        if type(e).__name__ == "Block"
+    ][0]
+    t = Terminal(["generate", "--model", model_dir, "-p", PROMPT, "-m", 64, "--seed", 9])
+    code = t.run(until=lambda f: "block 3 · step" in f, then=lambda p: p.send_signal(signal.SIGINT))
+    assert code == 130
+    assert printed(first.text, t.raw) and ascii_words(first.text)[0] in t.text()
+
+
+def test_chat_commands(model_dir, tmp_path):
+    saved = tmp_path / "conv.safetensors"
+    script = f"Hello\n/save {saved}\n/reset\n/load {saved}\nAnd then?\n/system Be brief.\nHi\n/bogus\n/quit\n"
+    r = real("chat", "--model", model_dir, "-m", 16, "--seed", 1, input=script)
+    assert r.returncode == 0, r.stderr
+    assert saved.exists()
+    for note in (
+        f"(saved to {saved})",
+        "(conversation reset)",
+        f"(loaded {saved}: 2 messages)",
+        "(new conversation with this system prompt)",
+        "error: unknown command /bogus",
+    ):
+        assert note in r.stderr, r.stderr
+    assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 3  # three replies
