@@ -12,6 +12,10 @@ import time
 from collections.abc import Iterable
 from typing import TextIO
 
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
 from .generate import Block, Done, Step
 
 
@@ -77,20 +81,14 @@ class LiveView:
     committed text, with a status line; a committed block's text is printed for good above the live region."""
 
     def __init__(self, tokenizer, max_steps: int, canvas_length: int, console=None):
-        from rich.console import Console
-
         self.tok, self.max_steps, self.C = tokenizer, max_steps, canvas_length
         self.console = console or Console(highlight=False)
-        from rich.text import Text
-
         self.tail = Text()  # committed text after the last newline: shown in the live region until its line ends
         self.thinking = False  # whether the last committed text was thought
         self.tokens, self.start, self.live = 0, time.perf_counter(), None
         self.block, self.step_i, self.accepted = 0, 0, 0
 
     def run(self, events: Iterable, verbose: bool = False) -> Done | None:
-        from rich.live import Live
-
         done = None
         self.live = Live(
             console=self.console,
@@ -137,8 +135,6 @@ class LiveView:
         )
 
     def _step(self, e: Step) -> None:
-        from rich.console import Group
-        from rich.text import Text
 
         self.block, self.step_i = e.block, self.max_steps - e.step + 1
         settled = e.settled.tolist()
@@ -166,10 +162,12 @@ class LiveView:
                 self.tail.append("\n")
             self.thinking = False
             self.tail.append(e.text)
-        lines = self.tail.split("\n", allow_blank=True)
-        if len(lines) > 1:
-            for line in lines[:-1]:
-                self.console.print(line)
-            self.tail = lines[-1]
+        # Print for good every finished line, and every full-width row of the unfinished one; the last partial
+        # row stays in the live region until more text joins it.
+        *finished, last = self.tail.split("\n", allow_blank=True)
+        rows = list(last.wrap(self.console, max(self.console.width - 8, 20))) or [Text()]
+        for line in [*finished, *rows[:-1]]:
+            self.console.print(line)
+        self.tail = rows[-1]
         self.tokens += len(e.tokens)
         self.block = e.index + 1
