@@ -104,7 +104,7 @@ class Router(nn.Module):
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         h = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)  # (N, E)
-        idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]  # (N, k)
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])  # (N, k)
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         return idx, w * self.per_expert_scale[idx]

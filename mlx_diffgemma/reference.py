@@ -239,3 +239,36 @@ if __name__ == "__main__":  # python -m mlx_diffgemma.reference OUT_DIR TOKENIZE
 
     quiet()
     print(build_tiny_chat_model(sys.argv[1], sys.argv[2]))
+
+
+def reference_loss(model: DiffusionGemmaForBlockDiffusion, batch, encoder_weight: float = 1.0, reweight: bool = False):
+    """mlx_diffgemma.train.loss computed with transformers' modules, example by example: the encoder over the
+    whole sequence (next-token loss), the encoder over the context into a DynamicCache, then the decoder over the
+    noisy block (a no-grad first pass for self-conditioning on the chosen examples). Returns torch tensors."""
+    import torch.nn.functional as F
+
+    text = model.config.text_config
+    enc_sum, enc_n, dec = 0.0, 0, []
+    for b in range(batch.ids.shape[0]):
+        seq = torch.as_tensor(batch.ids[b : b + 1, : batch.lengths[b]])
+        h = model.model.encoder(input_ids=seq, cache=DynamicCache(config=text)).last_hidden_state
+        logits = model.lm_head(h).float()
+        logits = torch.tanh(logits / model.final_logit_softcapping) * model.final_logit_softcapping
+        enc_sum = enc_sum + F.cross_entropy(logits[0, :-1], seq[0, 1:], reduction="sum")
+        enc_n += seq.shape[1] - 1
+        cache = DynamicCache(config=text)
+        model.model.encoder(input_ids=seq[:, : batch.context[b]], cache=cache)
+        noisy = torch.as_tensor(batch.noisy[b : b + 1])
+        out = model(decoder_input_ids=noisy, cache=cache).logits
+        if batch.sc_mask[b]:
+            out = model(
+                decoder_input_ids=noisy,
+                cache=cache,
+                self_conditioning_logits=out.detach(),
+                self_conditioning_mask=torch.tensor([True]),
+            ).logits
+        ce = F.cross_entropy(out[0].float(), torch.as_tensor(batch.targets[b]))
+        dec.append(ce / float(batch.t[b]) if reweight else ce)
+    dec_loss = torch.stack(dec).mean()
+    enc_loss = enc_sum / enc_n
+    return dec_loss + encoder_weight * enc_loss, {"canvas": dec_loss, "encoder": enc_loss}
