@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from mlx_diffgemma import __version__
 from mlx_diffgemma.config import ConfigError, ModelConfig
+from mlx_diffgemma.files import copy_metadata, replace_dir, staging_dir
 from mlx_diffgemma.loading import DTYPES, LoadError, resolve_path, weight_files
 from mlx_diffgemma.model import Model
 
@@ -41,8 +41,6 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 64 * 2**20
-_COPIED = (".json", ".jinja", ".model", ".txt")
-_NOT_COPIED = {"config.json", "model.safetensors.index.json", "README.md"}
 
 
 class ConvertError(ValueError):
@@ -149,14 +147,11 @@ def convert(
         source.text, source.vision, recipe, target, **({"shard_bytes": shard_bytes} if shard_bytes else {})
     )
     log(size_report([plan]))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_dir(dst)
     try:
         _write_weights(source, plan, tmp, progress)
         _write_metadata(source, plan, tmp, target, hf_path, dst.name)
-        _replace(tmp, dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -212,9 +207,7 @@ def _write_item(info: TensorInfo, item: Item, f: PlannedFile) -> None:
 
 
 def _write_metadata(source: Source, plan: Plan, out: Path, dtype, hf_path, title: str) -> None:
-    for f in sorted(source.path.iterdir()):
-        if f.is_file() and f.suffix in _COPIED and f.name not in _NOT_COPIED:
-            shutil.copy2(f, out / f.name)
+    copy_metadata(source.path, out)
     config = dict(source.config.raw)
     config.pop("quantization", None)
     config.pop("quantization_config", None)
@@ -234,17 +227,6 @@ def _write_metadata(source: Source, plan: Plan, out: Path, dtype, hf_path, title
         '```python\nimport mlx_diffgemma\n\nmodel, tokenizer = mlx_diffgemma.load("PATH")\n'
         'print(mlx_diffgemma.generate(model, tokenizer, "Why is the sky blue?"))\n```\n'
     )
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished folder into place; an existing destination (--force) is removed only afterwards."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def _progress(total: int):

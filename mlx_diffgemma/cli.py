@@ -263,6 +263,71 @@ def chat(
             say("\n(interrupted; this turn was dropped)")
 
 
+@app.command("train")
+def train_cmd(
+    model: Model_,
+    data: Annotated[Path, typer.Option("--data", help='Chat-formatted JSONL: {"messages": [...]} per line.')],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint folder (resumed from when it holds one).")],
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (warm-up, then cosine).")] = 1e-4,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (default: full).")] = None,
+    train_router: Annotated[bool, typer.Option("--train-router", help="Also train the router.")] = False,
+    encoder_weight: Annotated[float, typer.Option("--encoder-weight", help="Encoder next-token loss weight.")] = 1.0,
+    reweight: Annotated[bool, typer.Option("--reweight", help="Weight the canvas loss by 1/t.")] = False,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for batches and noise.")] = 0,
+    dtype: Dtype = None,
+    debug: Debug = False,
+) -> None:
+    """Fine-tune with the block-diffusion objective (full or LoRA); checkpoints load like any model folder."""
+    from . import train as training
+    from .loading import resolve_path
+
+    cfg = training.TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        lora_rank=lora_rank,
+        train_router=train_router,
+        encoder_weight=encoder_weight,
+        reweight=reweight,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+    )
+    try:
+        cfg.validate()
+    except ValueError as e:
+        _fail(str(e), 2)
+    m, tok = _load(model, dtype)
+    eos = (m.generation_config.eos_token_id or [1])[0]
+    try:
+        examples = training.load_jsonl(data, tok, eos)
+    except OSError as e:
+        _fail(f"cannot read {data}: {e.strerror}")
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(
+        f"{len(examples)} examples; training {'LoRA rank ' + str(lora_rank) if lora_rank else 'all weights'}", err=True
+    )
+    try:
+        training.train(
+            m,
+            examples,
+            out,
+            resolve_path(model),
+            cfg,
+            eos_id=eos,
+            pad_id=m.generation_config.pad_token_id or 0,
+            progress=sys.stderr.isatty(),
+            log=lambda s: typer.echo(s, err=True),
+        )
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; the last checkpoint in {out} resumes the run", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def parity(
     workdir: Annotated[

@@ -12,7 +12,9 @@ self-conditioning logits of the second.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -139,3 +141,267 @@ def loss(
     else:
         dec_loss = dec_ce.mean()
     return dec_loss + encoder_weight * enc_loss, {"canvas": dec_loss, "encoder": enc_loss}
+
+
+# ---- the training loop ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    warmup: int = 20  # linear warm-up steps, then cosine decay to 10%
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0  # global gradient-norm clip
+    lora_rank: int | None = None  # None: full fine-tuning; else LoRA on attention and dense-MLP projections
+    lora_scale: float = 20.0
+    train_router: bool = False  # the router stays frozen by default when fine-tuning a trained model
+    encoder_weight: float = 1.0
+    reweight: bool = False  # canvas loss weighted by 1/t
+    self_conditioning_prob: float = 0.5
+    eps: float = 1e-3
+    seed: int = 0
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.lora_rank is not None and self.lora_rank <= 0:
+            raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
+
+
+TRAINER = "trainer"  # the checkpoint subfolder holding what resuming needs
+LORA_TARGETS = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+
+
+def prepare(model: Model, cfg: TrainConfig) -> None:
+    """Choose what trains. LoRA: adapters on the attention and dense-MLP projections, nothing else. Full: every
+    weight but the router (unless train_router) and the layer scalars (buffers in transformers)."""
+    import re
+
+    import mlx.nn as nn
+    from mlx_lm.tuner.lora import LoRALinear
+
+    if cfg.lora_rank is not None:
+        model.freeze()
+        targets = [
+            (p, m)
+            for p, m in model.named_modules()
+            if re.fullmatch(LORA_TARGETS, p) and isinstance(m, (nn.Linear, nn.QuantizedLinear))
+        ]
+        model.update_modules(
+            _tree([(p, LoRALinear.from_base(m, r=cfg.lora_rank, scale=cfg.lora_scale)) for p, m in targets])
+        )
+        return
+    model.unfreeze()
+    for layer in model.layers:
+        layer.freeze(keys=["layer_scalar", "encoder_layer_scalar"], recurse=False)
+        if not cfg.train_router:
+            layer.router.freeze()
+
+
+def _tree(items):
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(items)
+
+
+def merged_weights(model: Model) -> dict[str, mx.array]:
+    """The model's weights under the names `load` reads, with LoRA adapters folded into their base layers."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    weights = dict(tree_flatten(model.parameters()))
+    for path, m in model.named_modules():
+        if not isinstance(m, LoRALinear):
+            continue
+        for k in list(weights):
+            if k.startswith(path + "."):
+                del weights[k]
+        for k, v in tree_flatten(m.fuse(dequantize=False).parameters()):  # a quantized base stays quantized
+            weights[f"{path}.{k}"] = v
+    return weights
+
+
+def load_jsonl(path: str | Path, tokenizer, eos_id: int) -> list[tuple[list[int], list[int]]]:
+    """Chat-formatted JSONL: one {"messages": [..., {"role": "assistant", "content": ...}]} (or {"prompt": ...,
+    "completion": ...}) per line. The prompt is the chat template's render of the messages before the last, with
+    the generation prompt, exactly as at inference; the response is the answer followed by the end of turn."""
+    import json
+
+    end = tokenizer.convert_tokens_to_ids("<turn|>")
+    end = end if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None) else eos_id
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages = (
+                    row["messages"]
+                    if "messages" in row
+                    else [
+                        {"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["completion"]},
+                    ]
+                )
+                *history, answer = messages
+                if answer["role"] != "assistant" or not history:
+                    raise ValueError("the last message must be the assistant's, after at least one other")
+                prompt = tokenizer.apply_chat_template(
+                    history, add_generation_prompt=True, tokenize=True, enable_thinking=False
+                )
+                prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+                response = tokenizer.encode(answer["content"], add_special_tokens=False) + [end]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
+            out.append((list(prompt), response))
+    if not out:
+        raise ValueError(f"{path} holds no examples")
+    return out
+
+
+def train(
+    model: Model,
+    examples: list[tuple[list[int], list[int]]],
+    out_dir: str | Path,
+    model_dir: str | Path | None,
+    cfg: TrainConfig,
+    eos_id: int,
+    pad_id: int = 0,
+    progress: bool = False,
+    log=print,
+    stop_after: int | None = None,
+) -> Model:
+    """Train `model` on (prompt ids, response ids) pairs, checkpointing every `checkpoint_every` steps into
+    `out_dir` in the folder layout `load` reads (plus the trainer's state). A run whose out_dir holds a
+    checkpoint resumes from it, with the same batches the uninterrupted run would have drawn. `model_dir` is the
+    folder whose tokenizer and configs are copied into checkpoints. `stop_after` ends the run early (tests)."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_unflatten
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    prepare(model, cfg)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(cfg.learning_rate / max(cfg.warmup, 1), cfg.learning_rate, max(cfg.warmup, 1)),
+            optim.cosine_decay(cfg.learning_rate, max(cfg.steps - cfg.warmup, 1), cfg.learning_rate * 0.1),
+        ],
+        [max(cfg.warmup, 1)],
+    )
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    start = 0
+    state_file = out_dir / TRAINER / "state.json"
+    if state_file.exists():
+        import json
+
+        state = json.loads(state_file.read_text())
+        model.update(tree_unflatten(list(mx.load(str(out_dir / TRAINER / "trainable.safetensors")).items())))
+        optimizer.init(model.trainable_parameters())
+        optimizer.state = tree_unflatten(list(mx.load(str(out_dir / TRAINER / "optimizer.safetensors")).items()))
+        rng.bit_generator.state = state["rng"]
+        start = state["step"]
+        log(f"resuming from step {start}")
+
+    def step_loss(batch):
+        return loss(model, batch, cfg.encoder_weight, cfg.reweight)
+
+    loss_and_grad = nn.value_and_grad(model, step_loss)
+    bar = _Bar(cfg.steps, start) if progress else None
+    tic, tokens = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        chosen = rng.choice(len(examples), cfg.batch_size, replace=len(examples) < cfg.batch_size)
+        batch = make_batch(
+            [examples[i] for i in chosen],
+            model.canvas_length,
+            model.args.vocab_size,
+            eos_id,
+            pad_id,
+            rng,
+            cfg.eps,
+            cfg.self_conditioning_prob,
+        )
+        (value, parts), grads = loss_and_grad(batch)
+        if cfg.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, value)
+        tokens += int(batch.lengths.sum())
+        tps = tokens / (time.perf_counter() - tic)
+        if bar:
+            bar.update(step + 1, float(value), tps)
+        elif (step + 1) % max(cfg.checkpoint_every // 4, 1) == 0 or step + 1 == cfg.steps:
+            log(
+                f"step {step + 1}/{cfg.steps} loss {float(value):.4f} (canvas {float(parts['canvas']):.4f}, "
+                f"encoder {float(parts['encoder']):.4f}) {tps:.0f} tok/s"
+            )
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _checkpoint(model, optimizer, rng, step + 1, cfg, out_dir, model_dir)
+        if stop_after is not None and step + 1 >= stop_after:
+            break
+    if bar:
+        bar.close()
+    return model
+
+
+def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir) -> None:
+    """Write a loadable model folder, with the trainer's state in its `trainer/` subfolder, atomically."""
+    import dataclasses
+    import json
+
+    from mlx.utils import tree_flatten
+
+    from .files import copy_metadata, replace_dir, staging_dir
+
+    tmp = staging_dir(out_dir)
+    try:
+        if model_dir is not None:
+            copy_metadata(Path(model_dir), tmp)
+        (tmp / "config.json").write_text(json.dumps(model.config.raw, indent=2))
+        weights = merged_weights(model)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in sorted(weights)}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (tmp / TRAINER).mkdir()
+        trainable = dict(tree_flatten(model.trainable_parameters()))
+        mx.save_safetensors(str(tmp / TRAINER / "trainable.safetensors"), trainable)
+        mx.save_safetensors(str(tmp / TRAINER / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / TRAINER / "state.json").write_text(
+            json.dumps({"step": step, "rng": rng.bit_generator.state, "config": dataclasses.asdict(cfg)}, indent=2)
+        )
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _Bar:
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(
+            "training",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.p.add_task("train", total=total, completed=start, info="")
+        self.p.start()
+
+    def update(self, step: int, value: float, tps: float) -> None:
+        self.p.update(self.task, completed=step, info=f"loss {value:.4f} · {tps:.0f} tok/s")
+
+    def close(self) -> None:
+        self.p.stop()
