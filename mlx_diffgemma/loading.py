@@ -24,6 +24,11 @@ class LoadError(ValueError):
 
 def resolve_path(path_or_repo: str | Path) -> Path:
     """A local folder, or a repo id found in the local Hugging Face cache (no network)."""
+    if str(path_or_repo) == "demo":  # the demo model shipped inside the package
+        demo = Path(__file__).resolve().parent / "demo" / "model"
+        if not (demo / "config.json").exists():
+            raise LoadError("the demo model is not in this build yet (benchmarks/train_demo.py trains it)")
+        return demo
     p = Path(path_or_repo).expanduser()
     if p.is_dir():
         return p

@@ -298,7 +298,7 @@ def train(
     )
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
-    start = 0
+    start, losses = 0, []  # losses: [step, total, canvas, encoder] per step, kept in the checkpoint
     state_file = out_dir / TRAINER / "state.json"
     if state_file.exists():
         import json
@@ -309,6 +309,7 @@ def train(
         optimizer.state = tree_unflatten(list(mx.load(str(out_dir / TRAINER / "optimizer.safetensors")).items()))
         rng.bit_generator.state = state["rng"]
         start = state["step"]
+        losses = state.get("losses", [])
         log(f"resuming from step {start}")
 
     def step_loss(batch):
@@ -335,6 +336,7 @@ def train(
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, value)
         tokens += int(batch.lengths.sum())
+        losses.append([step + 1, float(value), float(parts["canvas"]), float(parts["encoder"])])
         tps = tokens / (time.perf_counter() - tic)
         if bar:
             bar.update(step + 1, float(value), tps)
@@ -344,7 +346,7 @@ def train(
                 f"encoder {float(parts['encoder']):.4f}) {tps:.0f} tok/s"
             )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _checkpoint(model, optimizer, rng, step + 1, cfg, out_dir, model_dir)
+            _checkpoint(model, optimizer, rng, step + 1, cfg, out_dir, model_dir, losses)
         if stop_after is not None and step + 1 >= stop_after:
             break
     if bar:
@@ -352,7 +354,7 @@ def train(
     return model
 
 
-def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir) -> None:
+def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, losses) -> None:
     """Write a loadable model folder, with the trainer's state in its `trainer/` subfolder, atomically."""
     import dataclasses
     import json
@@ -375,7 +377,10 @@ def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir) -> N
         mx.save_safetensors(str(tmp / TRAINER / "trainable.safetensors"), trainable)
         mx.save_safetensors(str(tmp / TRAINER / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / TRAINER / "state.json").write_text(
-            json.dumps({"step": step, "rng": rng.bit_generator.state, "config": dataclasses.asdict(cfg)}, indent=2)
+            json.dumps(
+                {"step": step, "rng": rng.bit_generator.state, "config": dataclasses.asdict(cfg), "losses": losses},
+                indent=2,
+            )
         )
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -405,3 +410,20 @@ class _Bar:
 
     def close(self) -> None:
         self.p.stop()
+
+
+def init_weights(model: Model, std: float = 0.02, seed: int = 0) -> None:
+    """Initialise for training from scratch as transformers does: normal(0, std) for projections, experts and
+    the embedding; ones for norm weights, router scales and layer scalars."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    params = tree_flatten(model.parameters())
+    keys = mx.random.split(mx.random.key(seed), len(params))
+    new = []
+    for i, (name, w) in enumerate(params):
+        if w.ndim >= 2:
+            new.append((name, (std * mx.random.normal(w.shape, key=keys[i])).astype(w.dtype)))
+        else:
+            new.append((name, mx.ones(w.shape, dtype=w.dtype)))
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())

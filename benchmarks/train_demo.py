@@ -1,0 +1,78 @@
+"""Train the demo model from scratch with `mlx_diffgemma.train`: a tiny DiffusionGemma (the real layer pattern and
+an MoE) on generated tasks whose answers can be checked exactly (mlx_diffgemma/demo).
+
+    python benchmarks/train_demo.py --out mlx_diffgemma/demo/model --steps 2000 --batch-size 16
+
+Re-running the same command resumes from the last checkpoint. The held-out prompts of benchmarks/eval_demo.py
+(its seed) are kept out of the training set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from eval_demo import EVAL_SEED, tokenize  # noqa: E402
+
+from mlx_diffgemma import train  # noqa: E402
+from mlx_diffgemma.config import ModelConfig  # noqa: E402
+from mlx_diffgemma.demo import build_tokenizer, demo_config, examples, generation_config, vocabulary  # noqa: E402
+from mlx_diffgemma.model import Model, num_parameters  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=REPO / "mlx_diffgemma/demo/model")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument("--examples", type=int, default=100_000)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    folder = args.out.parent / f".{args.out.name}-source"  # config + tokenizer the checkpoints copy
+    build_tokenizer(folder)
+    config = demo_config(hidden=args.hidden)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(generation_config(), indent=2))
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tok = load_tokenizer(folder)
+    held_out = {p for p, _ in examples(500, EVAL_SEED)}
+    data = [(p, a) for p, a in examples(args.examples, args.seed + 1) if p not in held_out]
+    pairs = tokenize(tok, data)
+    model = Model(ModelConfig.from_dict(config))
+    train.init_weights(model, seed=args.seed)
+    print(f"{num_parameters(model):,} parameters, {len(pairs):,} training examples", flush=True)
+    cfg = train.TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup=100,
+        train_router=True,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    v = vocabulary()
+    train.train(
+        model,
+        pairs,
+        args.out,
+        folder,
+        cfg,
+        eos_id=v["<eos>"],
+        pad_id=v["<pad>"],
+        progress=sys.stderr.isatty(),
+        log=lambda s: print(s, flush=True),
+    )
+
+
+if __name__ == "__main__":
+    main()

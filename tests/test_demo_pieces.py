@@ -1,0 +1,66 @@
+"""The demo model's tokenizer and tasks (the model itself is trained by benchmarks/train_demo.py)."""
+
+import re
+
+import pytest
+
+from mlx_diffgemma.demo import TASKS, build_tokenizer, demo_config, examples, vocabulary
+from mlx_diffgemma.loading import LoadError, resolve_path
+
+
+def test_tasks_are_reproducible_and_correct():
+    assert examples(50, 3) == examples(50, 3) and examples(50, 3) != examples(50, 4)
+    seen = set()
+    for prompt, answer in examples(2000, 0):
+        kind, _, rest = prompt.partition(": ")
+        seen.add(kind.split(" ")[0])
+        if kind == "Sort":
+            assert answer.split() == [str(x) for x in sorted(map(int, rest.split()))]
+        elif kind == "Reverse":
+            assert answer == rest[::-1]
+        elif kind == "Add":
+            a, b = map(int, rest.split(" + "))
+            assert answer == str(a + b)
+        elif kind == "Balanced":
+            depth, ok = 0, True
+            for c in rest:
+                depth += 1 if c == "(" else -1
+                ok &= depth >= 0
+            assert answer == ("yes" if ok and depth == 0 else "no")
+        else:
+            name, a, b, op = re.fullmatch(
+                r"Write a Python function (\w+)\((\w), (\w)\) that returns \w (.) \w\.", prompt
+            ).groups()
+            assert answer == f"def {name}({a}, {b}):\n    return {a} {op} {b}"
+    assert len(seen) == len(TASKS)
+    assert sum(a == "yes" for p, a in examples(2000, 0) if p.startswith("Balanced")) > 100  # both answers occur
+
+
+def test_tokenizer_and_config(tmp_path):
+    from mlx_lm.tokenizer_utils import load
+
+    from mlx_diffgemma.config import ModelConfig
+
+    tok = load(build_tokenizer(tmp_path))
+    v = vocabulary()
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Sort: 3 1"}], add_generation_prompt=True, tokenize=True, enable_thinking=False
+    )
+    assert tok.decode(ids) == "<bos><|turn>user\nSort: 3 1<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+    assert ids[:2] == [v["<bos>"], v["<|turn>"]] and ids[-1] == v["<channel|>"]
+    text = "def f(x):\n    return x é"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte fallback beyond ASCII
+    cfg = ModelConfig.from_dict(demo_config()).text_config
+    assert [s.is_sliding for s in cfg.layers] == [True] * 5 + [False] and cfg.num_experts == 8
+    assert max(max(tok.encode(p + a, add_special_tokens=False)) for p, a in examples(200, 1)) < cfg.vocab_size
+
+
+def test_demo_name_resolves_or_says_why():
+    try:
+        path = resolve_path("demo")
+    except LoadError as e:
+        assert "benchmarks/train_demo.py" in str(e)
+    else:
+        assert (path / "config.json").exists()
+    with pytest.raises(LoadError):
+        resolve_path("/definitely/not/here")
