@@ -36,16 +36,15 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load(args.model)
     right, total = defaultdict(int), defaultdict(int)
-    steps = blocks = forwards = generated = 0
+    steps = blocks = generated = 0
     for i, (prompt, answer) in enumerate(examples(args.n, EVAL_SEED)):
-        task = prompt.split(":")[0].split(" ")[0]
+        task = prompt.split(":")[0].split(" ")[0].lower()  # sort, reverse, add, balanced, write (code)
         for e in stream_generate(model, tok, prompt, seed=i):
             if isinstance(e, Block):
                 blocks += 1
             elif isinstance(e, Done):
                 done = e
-        steps += done.denoising_steps
-        forwards += done.denoising_steps
+        steps += done.denoising_steps  # decoder forward passes
         generated += done.tokens_per_forward * done.denoising_steps
         total[task] += 1
         right[task] += done.text.strip() == answer
