@@ -55,7 +55,7 @@ def main() -> None:
     print(f"| all | {100 * sum(right.values()) / n:.1f}% | {n} |")
     print(
         f"mean denoising steps per block {steps / blocks:.2f} (limit {model.generation_config.max_denoising_steps});"
-        f" tokens per forward {generated / forwards:.2f}"
+        f" tokens per forward {generated / steps:.2f}"
     )
 
 
