@@ -317,9 +317,13 @@ def train(
 
     loss_and_grad = nn.value_and_grad(model, step_loss)
     bar = _Bar(cfg.steps, start) if progress else None
+    batches = length_batches(examples, cfg.batch_size)
     tic, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
-        chosen = rng.choice(len(examples), cfg.batch_size, replace=len(examples) < cfg.batch_size)
+        if batches:
+            chosen = batches[rng.integers(len(batches))]
+        else:  # fewer examples than a batch
+            chosen = rng.choice(len(examples), cfg.batch_size, replace=True)
         batch = make_batch(
             [examples[i] for i in chosen],
             model.canvas_length,
@@ -352,6 +356,13 @@ def train(
     if bar:
         bar.close()
     return model
+
+
+def length_batches(examples: list[tuple[list[int], list[int]]], batch_size: int) -> list[np.ndarray]:
+    """Batches of examples of similar length (sorted by length, then cut), drawn at random each step: padding to
+    the longest example of a batch wastes little. Each example belongs to one batch."""
+    order = np.argsort([len(p) + len(r) for p, r in examples], kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
 def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, losses) -> None:
