@@ -138,7 +138,7 @@ def test_error_table(model_dir, tmp_path, args, code, message):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_damaged_config_is_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     r = real("info", tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
