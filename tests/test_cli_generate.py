@@ -250,3 +250,16 @@ def test_chat_commands(model_dir, tmp_path):
     ):
         assert note in r.stderr, r.stderr
     assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 3  # three replies
+
+
+def test_unexpected_failure_is_one_line_and_debug_shows_the_traceback(model_dir, tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = "six"  # not caught as a config error: an unforeseen failure
+    (odd / "config.json").write_text(json.dumps(cfg))
+    r = real("generate", "--model", odd, "-p", "hi")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "(run with --debug for the traceback)" in r.stderr
+    r = real("generate", "--model", odd, "-p", "hi", "--debug")
+    assert r.returncode != 0 and "Traceback (most recent call last)" in r.stderr
