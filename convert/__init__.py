@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_diffgemma import __version__
 from mlx_diffgemma.config import ConfigError, ModelConfig
 from mlx_diffgemma.files import copy_metadata, replace_dir, staging_dir
-from mlx_diffgemma.loading import DTYPES, LoadError, resolve_path, weight_files
+from mlx_diffgemma.loading import DTYPES, LoadError, resolve_path, shape_mismatches, weight_files
 from mlx_diffgemma.model import Model
 
 from .plan import Item, Plan, make_plan
@@ -87,14 +87,11 @@ def inspect_source(path: str | Path) -> Source:
         raise ConvertError(str(e)) from None
     mapping = Model.sanitize_names(list(tensors))
     text = {ours: (name, tensors[name].shape) for ours, name in mapping.items()}
-    expected = expected_shapes(config)
-    missing = sorted(set(expected) - set(text))
-    unexpected = sorted(set(text) - set(expected))
-    wrong = [f"{text[k][0]} {text[k][1]} != {expected[k]}" for k in expected if k in text and text[k][1] != expected[k]]
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong)):
-        if names:
-            more = f", ... {len(names) - 3} more" if len(names) > 3 else ""
-            raise ConvertError(f"{len(names)} weights {label}: {', '.join(names[:3])}{more}")
+    problems = shape_mismatches(expected_shapes(config), {k: s for k, (_, s) in text.items()}, lambda k: text[k][0])
+    if problems:
+        label, names = problems[0]
+        more = f", ... {len(names) - 3} more" if len(names) > 3 else ""
+        raise ConvertError(f"{len(names)} weights {label}: {', '.join(names[:3])}{more}")
     vision = {
         n: t.shape
         for n, t in tensors.items()

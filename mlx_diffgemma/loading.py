@@ -87,25 +87,31 @@ def load_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
+def shape_mismatches(
+    expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], name=lambda k: k
+) -> list[tuple[str, list[str]]]:
+    """What differs between the tensors a model expects and those a checkpoint holds, by our names:
+    [(kind, descriptions)] for the kinds that occur ("missing", "unexpected", "with the wrong shape");
+    `name` says how to show a tensor in the wrong-shape descriptions."""
+    found = [
+        ("missing", sorted(set(expected) - set(got))),
+        ("unexpected", sorted(set(got) - set(expected))),
+        (
+            "with the wrong shape",
+            [f"{name(k)} {got[k]} != {expected[k]}" for k in expected if k in got and got[k] != expected[k]],
+        ),
+    ]
+    return [(kind, items) for kind, items in found if items]
+
+
 def check_weights(model: Model, weights: dict[str, mx.array]) -> None:
     """Every expected key present with its shape, nothing unexpected; names what is wrong."""
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [
-        f"{k} {tuple(weights[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected
-        if k in weights and weights[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing ({_few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-    if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape ({_few(wrong)})")
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    problems = shape_mismatches(expected, {k: tuple(v.shape) for k, v in weights.items()})
     if problems:
-        raise LoadError("weights do not match the config: " + "; ".join(problems))
+        raise LoadError(
+            "weights do not match the config: " + "; ".join(f"{len(i)} {kind} ({_few(i)})" for kind, i in problems)
+        )
 
 
 def _few(items: list[str], n: int = 4) -> str:
