@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache import context_source
 from .config import FULL, SLIDING
@@ -194,7 +195,7 @@ def prepare(model: Model, cfg: TrainConfig) -> None:
             if re.fullmatch(LORA_TARGETS, p) and isinstance(m, (nn.Linear, nn.QuantizedLinear))
         ]
         model.update_modules(
-            _tree([(p, LoRALinear.from_base(m, r=cfg.lora_rank, scale=cfg.lora_scale)) for p, m in targets])
+            tree_unflatten([(p, LoRALinear.from_base(m, r=cfg.lora_rank, scale=cfg.lora_scale)) for p, m in targets])
         )
         return
     model.unfreeze()
@@ -204,15 +205,8 @@ def prepare(model: Model, cfg: TrainConfig) -> None:
             layer.router.freeze()
 
 
-def _tree(items):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(items)
-
-
 def merged_weights(model: Model) -> dict[str, mx.array]:
     """The model's weights under the names `load` reads, with LoRA adapters folded into their base layers."""
-    from mlx.utils import tree_flatten
     from mlx_lm.tuner.lora import LoRALinear
 
     weights = dict(tree_flatten(model.parameters()))
@@ -284,7 +278,6 @@ def train(
     folder whose tokenizer and configs are copied into checkpoints. `stop_after` ends the run early (tests)."""
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_unflatten
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -370,8 +363,6 @@ def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, loss
     import dataclasses
     import json
 
-    from mlx.utils import tree_flatten
-
     from .files import copy_metadata, replace_dir, staging_dir
 
     tmp = staging_dir(out_dir)
@@ -426,8 +417,6 @@ class _Bar:
 def init_weights(model: Model, std: float = 0.02, seed: int = 0) -> None:
     """Initialise for training from scratch as transformers does: normal(0, std) for projections, experts and
     the embedding; ones for norm weights, router scales and layer scalars."""
-    from mlx.utils import tree_flatten, tree_unflatten
-
     params = tree_flatten(model.parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
