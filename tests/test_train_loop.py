@@ -54,8 +54,11 @@ def test_full_fine_tuning_learns_and_keeps_buffers(checkpoint, tmp_path):
 def test_lora_trains_adapters_only_and_folds_them(checkpoint, tmp_path):
     model, _ = load(checkpoint("tamed"))
     base = params(model)
-    cfg = train.TrainConfig(steps=6, batch_size=4, learning_rate=1e-2, lora_rank=4, checkpoint_every=6)
+    cfg = train.TrainConfig(steps=10, batch_size=4, learning_rate=1e-2, lora_rank=4, checkpoint_every=10)
+    probe = train.make_batch(reversal(16)[:8], model.canvas_length, 512, 1, 0, np.random.default_rng(9))
+    first = float(train.loss(model, probe)[0])
     train.train(model, reversal(16), tmp_path / "lora", None, cfg, eos_id=1, log=lambda s: None)
+    assert float(train.loss(model, probe)[0]) < 0.9 * first  # the adapters learn the data
     trainable = dict(tree_flatten(model.trainable_parameters()))
     assert trainable and all(k.endswith(("lora_a", "lora_b")) for k in trainable)
     assert all(".self_attn." in k or ".mlp." in k for k in trainable)
@@ -63,7 +66,16 @@ def test_lora_trains_adapters_only_and_folds_them(checkpoint, tmp_path):
     assert set(merged) == set(base)
     assert all(np.array_equal(base[k], np.array(merged[k])) for k in base if "_proj" not in k or ".experts." in k)
     saved, _ = load(tmp_path / "lora")
-    assert np.abs(denoise(saved) - denoise(model)).max() <= 1e-4  # folded adapters compute the same
+    folded = dict(saved.named_modules())
+    adapted = [(p, m) for p, m in model.named_modules() if type(m).__name__ == "LoRALinear"]
+    assert len(adapted) == len(trainable) // 2
+    for path, m in adapted:  # each folded layer computes what base + adapter computed
+        xi = mx.random.normal((5, m.linear.weight.shape[1]), key=mx.random.key(4))
+        np.testing.assert_allclose(np.array(folded[path](xi)), np.array(m(xi)), rtol=1e-5, atol=1e-5, err_msg=path)
+    # end to end: the same logits, but for a position whose top-k expert choice sits on a near tie, where a
+    # 1e-7 difference may pick the other expert (seen once in CI: one position off by 1e-2)
+    diff = np.abs(denoise(saved) - denoise(model)).max(axis=-1)[0]
+    assert (diff <= 1e-4).mean() >= 0.9, diff
 
 
 def test_resume_continues_exactly(checkpoint, tmp_path):
@@ -133,6 +145,9 @@ def test_train_command(chat_checkpoint, tmp_path):
     assert "8 examples; training LoRA rank 2" in r.stderr and r.stdout.strip() == f"wrote {tmp_path / 'ft'}"
     model, tok = load(tmp_path / "ft")
     assert tok is not None and model.canvas_length == 16
+    from mlx_diffgemma import generate
+
+    assert isinstance(generate(model, tok, "Echo 3", max_tokens=16, seed=0), str)  # the adapted model generates
     bad = subprocess.run(run[:-2] + ["--checkpoint-every", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: checkpoint_every must be positive, got 0"
     data.write_text("not json\n")
