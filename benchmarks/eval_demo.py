@@ -10,8 +10,6 @@ import argparse
 from collections import defaultdict
 from pathlib import Path
 
-EVAL_SEED = 20261129  # the held-out set; benchmarks/train_demo.py keeps these prompts out of training
-
 
 def tokenize(tok, pairs):
     """(prompt, answer) -> (prompt ids with the chat template, answer ids + end of turn)."""
@@ -25,21 +23,17 @@ def tokenize(tok, pairs):
     return out
 
 
-def main() -> None:
-    from mlx_diffgemma import load, stream_generate
-    from mlx_diffgemma.demo import examples
+def evaluate(model, tok, n: int, **settings) -> dict:
+    """Generate an answer to each of the first n held-out prompts (seed i for the i-th) and score it exactly."""
+    from mlx_diffgemma import stream_generate
+    from mlx_diffgemma.demo import HELD_OUT_SEED, examples
     from mlx_diffgemma.generate import Block, Done
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "mlx_diffgemma/demo/model")
-    ap.add_argument("--n", type=int, default=500)
-    args = ap.parse_args()
-    model, tok = load(args.model)
     right, total = defaultdict(int), defaultdict(int)
     steps = blocks = generated = 0
-    for i, (prompt, answer) in enumerate(examples(args.n, EVAL_SEED)):
+    for i, (prompt, answer) in enumerate(examples(n, HELD_OUT_SEED)):
         task = prompt.split(":")[0].split(" ")[0].lower()  # sort, reverse, add, balanced, write (code)
-        for e in stream_generate(model, tok, prompt, seed=i):
+        for e in stream_generate(model, tok, prompt, seed=i, **settings):
             if isinstance(e, Block):
                 blocks += 1
             elif isinstance(e, Done):
@@ -48,14 +42,33 @@ def main() -> None:
         generated += done.tokens_per_forward * done.denoising_steps
         total[task] += 1
         right[task] += done.text.strip() == answer
+    return {
+        "tasks": {t: (right[t], total[t]) for t in sorted(total)},
+        "exact": sum(right.values()) / n,
+        "steps_per_block": steps / blocks,
+        "tokens_per_forward": generated / steps,
+    }
+
+
+def main() -> None:
+    from mlx_diffgemma import load
+    from mlx_diffgemma.demo import HELD_OUT
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "mlx_diffgemma/demo/model")
+    ap.add_argument("--n", type=int, default=HELD_OUT)
+    args = ap.parse_args()
+    if not 0 < args.n <= HELD_OUT:
+        ap.error(f"--n must be 1..{HELD_OUT}: only the first {HELD_OUT} held-out examples are kept out of training")
+    model, tok = load(args.model)
+    r = evaluate(model, tok, args.n)
     print("| task | exact | n |\n|---|---|---|")
-    for t in sorted(total):
-        print(f"| {t} | {100 * right[t] / total[t]:.1f}% | {total[t]} |")
-    n = sum(total.values())
-    print(f"| all | {100 * sum(right.values()) / n:.1f}% | {n} |")
+    for t, (right, total) in r["tasks"].items():
+        print(f"| {t} | {100 * right / total:.1f}% | {total} |")
+    print(f"| all | {100 * r['exact']:.1f}% | {args.n} |")
     print(
-        f"mean denoising steps per block {steps / blocks:.2f} (limit {model.generation_config.max_denoising_steps});"
-        f" tokens per forward {generated / steps:.2f}"
+        f"mean denoising steps per block {r['steps_per_block']:.2f} (limit "
+        f"{model.generation_config.max_denoising_steps}); tokens per forward {r['tokens_per_forward']:.2f}"
     )
 
 

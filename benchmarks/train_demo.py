@@ -21,18 +21,17 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLX_DIFFGEMMA_EXPERTS", "gather")
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from eval_demo import EVAL_SEED, tokenize  # noqa: E402
+from eval_demo import tokenize  # noqa: E402
 
-from mlx_diffgemma import train  # noqa: E402
+from mlx_diffgemma import demo, train  # noqa: E402
 from mlx_diffgemma.config import ModelConfig  # noqa: E402
-from mlx_diffgemma.demo import build_tokenizer, demo_config, examples, generation_config, vocabulary  # noqa: E402
 from mlx_diffgemma.model import Model, num_parameters  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=REPO / ".cache/demo-run/model")
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=2200)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=96)
@@ -43,15 +42,15 @@ def main() -> None:
     args = ap.parse_args()
 
     folder = args.out.parent / f".{args.out.name}-source"  # config + tokenizer the checkpoints copy
-    build_tokenizer(folder)
-    config = demo_config(hidden=args.hidden, canvas=args.canvas)
+    demo.build_tokenizer(folder)
+    config = demo.demo_config(hidden=args.hidden, canvas=args.canvas)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(), indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(demo.generation_config(), indent=2))
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tok = load_tokenizer(folder)
-    held_out = {p for p, _ in examples(500, EVAL_SEED)}
-    data = [(p, a) for p, a in examples(args.examples, args.seed + 1) if p not in held_out]
+    held_out = {p for p, _ in demo.examples(demo.HELD_OUT, demo.HELD_OUT_SEED)}
+    data = [(p, a) for p, a in demo.examples(args.examples, args.seed + 1) if p not in held_out]
     pairs = tokenize(tok, data)
     model = Model(ModelConfig.from_dict(config))
     train.init_weights(model, seed=args.seed)
@@ -65,7 +64,7 @@ def main() -> None:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
-    v = vocabulary()
+    v = demo.vocabulary()
     train.train(
         model,
         pairs,

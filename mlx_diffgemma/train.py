@@ -415,14 +415,21 @@ class _Bar:
 
 
 def init_weights(model: Model, std: float = 0.02, seed: int = 0) -> None:
-    """Initialise for training from scratch as transformers does: normal(0, std) for projections, experts and
-    the embedding; ones for norm weights, router scales and layer scalars."""
+    """Initialise for training from scratch: normal(0, std) for projections, experts and the embedding; ones for
+    norm weights, router scales and layer scalars, as transformers does, except the q/k norms, at head_dim^-1/4.
+
+    Attention runs at scale 1.0 on RMS-normed q and k, so with unit norm weights the logits of a fresh model have
+    a standard deviation of sqrt(head_dim) (about 5 here): attention starts nearly one-hot on random keys and
+    learns to copy slowly. At head_dim^-1/4 the logits start at unit scale, as 1/sqrt(d) attention does (the demo
+    model reached 2.5% held-out accuracy after 600 steps with ones, and did not learn to copy)."""
     params = tree_flatten(model.parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
     new = []
     for i, (name, w) in enumerate(params):
         if w.ndim >= 2:
             new.append((name, (std * mx.random.normal(w.shape, key=keys[i])).astype(w.dtype)))
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            new.append((name, mx.full(w.shape, w.shape[0] ** -0.25, dtype=w.dtype)))
         else:
             new.append((name, mx.ones(w.shape, dtype=w.dtype)))
     model.update(tree_unflatten(new))

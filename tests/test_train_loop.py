@@ -153,3 +153,17 @@ def test_train_command(chat_checkpoint, tmp_path):
     data.write_text("not json\n")
     bad = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and bad.stderr.strip().startswith(f"error: {data}:1:")
+
+
+def test_init_weights_for_training_from_scratch(checkpoint):
+    model, _ = load(checkpoint("basic"))
+    train.init_weights(model, std=0.02, seed=1)
+    p = params(model)
+    for k, w in p.items():
+        if k.endswith(("q_norm.weight", "k_norm.weight")):  # unit-scale attention logits at the start
+            np.testing.assert_allclose(w, w.shape[0] ** -0.25, rtol=1e-6, err_msg=k)
+        elif w.ndim == 1:
+            assert np.all(w == 1), k
+        elif w.size >= 1000:
+            assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002, k
+    assert any(k.endswith("q_norm.weight") for k in p)

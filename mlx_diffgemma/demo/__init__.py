@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+HELD_OUT_SEED, HELD_OUT = 20261129, 500  # examples(HELD_OUT, HELD_OUT_SEED): never trained on, what eval_demo scores
 SPECIALS = [
     "<pad>",
     "<eos>",
