@@ -4,7 +4,8 @@ an MoE) on generated tasks whose answers can be checked exactly (mlx_diffgemma/d
     python benchmarks/train_demo.py --out .cache/demo-run/model
 
 Re-running the same command resumes from the last checkpoint. The held-out prompts of benchmarks/eval_demo.py
-(its seed) are kept out of the training set.
+(its seed) are kept out of the training set. `--ship` then copies the finished model, without the trainer's
+state, into the package (mlx_diffgemma/demo/model), where `--model demo` finds it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=100_000)
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ship", action="store_true", help="copy the finished model into mlx_diffgemma/demo/model")
     args = ap.parse_args()
 
     folder = args.out.parent / f".{args.out.name}-source"  # config + tokenizer the checkpoints copy
@@ -76,6 +78,22 @@ def main() -> None:
         progress=sys.stderr.isatty(),
         log=lambda s: print(s, flush=True),
     )
+    if args.ship:
+        ship(args.out, REPO / "mlx_diffgemma/demo/model")
+
+
+def ship(run: Path, dst: Path) -> None:
+    """The model folder without `trainer/` (optimizer state and data order), replaced atomically."""
+    import shutil
+
+    from mlx_diffgemma.files import replace_dir, staging_dir
+
+    tmp = staging_dir(dst)
+    for f in sorted(run.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    replace_dir(tmp, dst)
+    print(f"shipped {run} to {dst}")
 
 
 if __name__ == "__main__":
