@@ -26,13 +26,13 @@ def tokenize(tok, pairs):
 def evaluate(model, tok, n: int, **settings) -> dict:
     """Generate an answer to each of the first n held-out prompts (seed i for the i-th) and score it exactly."""
     from mlx_diffgemma import stream_generate
-    from mlx_diffgemma.demo import HELD_OUT_SEED, examples
+    from mlx_diffgemma.demo import HELD_OUT_SEED, examples, task_of
     from mlx_diffgemma.generate import Block, Done
 
     right, total = defaultdict(int), defaultdict(int)
     steps = blocks = generated = 0
     for i, (prompt, answer) in enumerate(examples(n, HELD_OUT_SEED)):
-        task = prompt.split(":")[0].split(" ")[0].lower()  # sort, reverse, add, balanced, write (code)
+        task = task_of(prompt)
         for e in stream_generate(model, tok, prompt, seed=i, **settings):
             if isinstance(e, Block):
                 blocks += 1

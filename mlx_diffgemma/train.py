@@ -101,12 +101,9 @@ def _decoder_masks(model: Model, S: int, context: mx.array) -> dict[str, mx.arra
     return {FULL: full[:, None, None, :], SLIDING: sliding[:, None, None, :]}
 
 
-def loss(
-    model: Model, batch: Batch, encoder_weight: float = 1.0, reweight: bool = False
-) -> tuple[mx.array, dict[str, mx.array]]:
-    """Total loss and its parts: canvas cross-entropy (mean over positions, or weighted by 1/t per example with
-    `reweight`) + encoder_weight x the encoder's next-token cross-entropy (mean over every position that has a
-    next token)."""
+def batch_logits(model: Model, batch: Batch) -> tuple[mx.array, mx.array]:
+    """The two passes of a training step: the encoder's logits (B, S-1, V) for ids[:, 1:], and the decoder's
+    logits (B, C, V) for the scored blocks (after the self-conditioning pass on the examples that draw it)."""
     ids = mx.array(batch.ids)
     B, S = ids.shape
     kv: list[tuple[mx.array, mx.array]] = []
@@ -118,9 +115,7 @@ def loss(
     # the encoder: one causal pass over the clean sequences; its K/V feed every decoder pass
     masks = attention_masks(model.args, 0, S, {t: 0 for t in set(model.args.layer_types)})
     h = model.forward(model.embed(ids), 0, [record] * len(model.layers), masks, decoder=False)
-    enc_ce = _cross_entropy(model.logits(h[:, :-1]), ids[:, 1:])  # (B, S-1)
-    valid = mx.arange(S - 1)[None, :] < (mx.array(batch.lengths) - 1)[:, None]
-    enc_loss = (enc_ce * valid).sum() / valid.sum()
+    enc_logits = model.logits(h[:, :-1])
 
     context = mx.array(batch.context)
     dec_masks = _decoder_masks(model, S, context)
@@ -136,6 +131,20 @@ def loss(
         sc = mx.stop_gradient(logits)
         soft = model.soft_embed(sc) * mx.array(batch.sc_mask)[:, None, None].astype(model.dtype)
         logits = decode(soft)
+    return enc_logits, logits
+
+
+def loss(
+    model: Model, batch: Batch, encoder_weight: float = 1.0, reweight: bool = False
+) -> tuple[mx.array, dict[str, mx.array]]:
+    """Total loss and its parts: canvas cross-entropy (mean over positions, or weighted by 1/t per example with
+    `reweight`) + encoder_weight x the encoder's next-token cross-entropy (mean over every position that has a
+    next token)."""
+    enc_logits, logits = batch_logits(model, batch)
+    S = batch.ids.shape[1]
+    enc_ce = _cross_entropy(enc_logits, mx.array(batch.ids[:, 1:]))  # (B, S-1)
+    valid = mx.arange(S - 1)[None, :] < (mx.array(batch.lengths) - 1)[:, None]
+    enc_loss = (enc_ce * valid).sum() / valid.sum()
     dec_ce = _cross_entropy(logits, mx.array(batch.targets))  # (B, C)
     if reweight:
         dec_loss = (dec_ce.mean(axis=1) / mx.array(batch.t, dtype=mx.float32)).mean()

@@ -195,6 +195,12 @@ def _code(r: random.Random) -> tuple[str, str]:
 
 
 TASKS = {"sort": _sort, "reverse": _reverse, "add": _add, "brackets": _brackets, "code": _code}
+PREFIXES = {"sort": "Sort: ", "reverse": "Reverse: ", "add": "Add: ", "brackets": "Balanced: ", "code": "Write a "}
+
+
+def task_of(prompt: str) -> str:
+    """The task a prompt was drawn from."""
+    return next(name for name, prefix in PREFIXES.items() if prompt.startswith(prefix))
 
 
 def examples(n: int, seed: int) -> list[tuple[str, str]]:
