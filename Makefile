@@ -12,13 +12,19 @@ else
   RUN_ENV = env
 endif
 
-DEMO := .cache/tiny-random
-.PHONY: setup openblas test parity demo lint
+DEMO_PROMPT ?= Write a Python function area(x, u) that returns x * u.
+.PHONY: setup runtime openblas test parity demo lint
 setup: $(VENV)/.installed openblas
+runtime: $(VENV)/.runtime openblas
 
-$(VENV)/.installed: pyproject.toml
+# the package alone (what `make demo` needs); the tests add torch + transformers (the reference) and pytest
+$(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[reference,dev]"
 	touch $@
@@ -36,11 +42,10 @@ test: setup
 parity: setup
 	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma parity
 
-# The main job until the trained demo model exists: a tiny RANDOM checkpoint (its output is noise) generating
-# through the real tokenizer, chat template, sampler and live view.
-demo: setup
-	@[ -e $(DEMO)/config.json ] || $(PY) -m mlx_diffgemma.reference $(DEMO) "$$($(PY) tests/tools/build_gemma4_tokenizer.py)"
-	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma generate --model $(DEMO) -p "Write a haiku about the sea." -m 64 --seed 0 --verbose
+# The main job: the demo model shipped inside the package (mlx_diffgemma/demo/model, trained from scratch by
+# benchmarks/train_demo.py) answers with the live canvas on a terminal, block by block in a pipe.
+demo: runtime
+	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma generate --model demo -p "$(DEMO_PROMPT)" --seed 0 --verbose
 
 lint: setup
 	$(VENV)/bin/ruff check mlx_diffgemma convert tests benchmarks

@@ -1,10 +1,12 @@
 """The demo model's tokenizer and tasks (the model itself is trained by benchmarks/train_demo.py)."""
 
 import re
+from pathlib import Path
 
 import pytest
 
-from mlx_diffgemma.demo import TASKS, build_tokenizer, demo_config, examples, vocabulary
+import mlx_diffgemma
+from mlx_diffgemma.demo import TASKS, build_tokenizer, demo_config, examples, task_of, vocabulary
 from mlx_diffgemma.loading import LoadError, resolve_path
 
 
@@ -13,7 +15,7 @@ def test_tasks_are_reproducible_and_correct():
     seen = set()
     for prompt, answer in examples(2000, 0):
         kind, _, rest = prompt.partition(": ")
-        seen.add(kind.split(" ")[0])
+        seen.add(task_of(prompt))
         if kind == "Sort":
             assert answer.split() == [str(x) for x in sorted(map(int, rest.split()))]
         elif kind == "Reverse":
@@ -32,7 +34,7 @@ def test_tasks_are_reproducible_and_correct():
                 r"Write a Python function (\w+)\((\w), (\w)\) that returns \w (.) \w\.", prompt
             ).groups()
             assert answer == f"def {name}({a}, {b}):\n    return {a} {op} {b}"
-    assert len(seen) == len(TASKS)
+    assert seen == set(TASKS)
     assert sum(a == "yes" for p, a in examples(2000, 0) if p.startswith("Balanced")) > 100  # both answers occur
 
 
@@ -55,12 +57,7 @@ def test_tokenizer_and_config(tmp_path):
     assert max(max(tok.encode(p + a, add_special_tokens=False)) for p, a in examples(200, 1)) < cfg.vocab_size
 
 
-def test_demo_name_resolves_or_says_why():
-    try:
-        path = resolve_path("demo")
-    except LoadError as e:
-        assert "benchmarks/train_demo.py" in str(e)
-    else:
-        assert (path / "config.json").exists()
+def test_demo_name_resolves_to_the_package_folder():
+    assert resolve_path("demo") == Path(mlx_diffgemma.__file__).resolve().parent / "demo" / "model"
     with pytest.raises(LoadError):
         resolve_path("/definitely/not/here")
