@@ -12,15 +12,11 @@ from pathlib import Path
 
 
 def tokenize(tok, pairs):
-    """(prompt, answer) -> (prompt ids with the chat template, answer ids + end of turn)."""
+    """(prompt, answer) -> (prompt ids rendered as generation renders them, answer ids + end of turn)."""
+    from mlx_diffgemma.generate import render_prompt
+
     end = tok.convert_tokens_to_ids("<turn|>")
-    out = []
-    for prompt, answer in pairs:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, enable_thinking=False
-        )
-        out.append((list(ids), tok.encode(answer, add_special_tokens=False) + [end]))
-    return out
+    return [(render_prompt(tok, p), tok.encode(a, add_special_tokens=False) + [end]) for p, a in pairs]
 
 
 def evaluate(model, tok, n: int, **settings) -> dict:

@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache import context_source
 from .config import FULL, SLIDING
+from .generate import render_prompt
 from .model import Model, attention_masks
 
 
@@ -256,10 +257,7 @@ def load_jsonl(path: str | Path, tokenizer, eos_id: int) -> list[tuple[list[int]
                 *history, answer = messages
                 if answer["role"] != "assistant" or not history:
                     raise ValueError("the last message must be the assistant's, after at least one other")
-                prompt = tokenizer.apply_chat_template(
-                    history, add_generation_prompt=True, tokenize=True, enable_thinking=False
-                )
-                prompt = prompt["input_ids"] if isinstance(prompt, dict) else prompt
+                prompt = render_prompt(tokenizer, history)
                 response = tokenizer.encode(answer["content"], add_special_tokens=False) + [end]
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
