@@ -317,7 +317,7 @@ def train(
 
     loss_and_grad = nn.value_and_grad(model, step_loss)
     bar = _Bar(cfg.steps, start) if progress else None
-    batches = length_batches(examples, cfg.batch_size)
+    batches = length_batches(examples, cfg.batch_size, cfg.seed)
     tic, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         if batches:
@@ -358,10 +358,19 @@ def train(
     return model
 
 
-def length_batches(examples: list[tuple[list[int], list[int]]], batch_size: int) -> list[np.ndarray]:
-    """Batches of examples of similar length (sorted by length, then cut), drawn at random each step: padding to
-    the longest example of a batch wastes little. Each example belongs to one batch."""
-    order = np.argsort([len(p) + len(r) for p, r in examples], kind="stable")
+def length_batches(
+    examples: list[tuple[list[int], list[int]]], batch_size: int, seed: int = 0, bucket: int = 16
+) -> list[np.ndarray]:
+    """Batches drawn at random each step, each example in one batch. Examples are grouped by length rounded up
+    to `bucket` tokens and shuffled within their group before being cut, so a batch mixes the examples of
+    neighbouring lengths (whatever task they come from: plain length sorting makes batches nearly single-task,
+    and the loss swings from batch to batch) while padding stays under `bucket` tokens an example."""
+    sizes = np.array([-(-(len(p) + len(r)) // bucket) for p, r in examples])
+    order = np.argsort(sizes, kind="stable")
+    rng = np.random.default_rng(seed)
+    for s in np.unique(sizes):
+        group = np.flatnonzero(sizes[order] == s)
+        order[group] = rng.permutation(order[group])
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 

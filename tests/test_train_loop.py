@@ -167,3 +167,21 @@ def test_init_weights_for_training_from_scratch(checkpoint):
         elif w.size >= 1000:
             assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002, k
     assert any(k.endswith("q_norm.weight") for k in p)
+
+
+def test_length_batches_mix_neighbouring_lengths():
+    rng = np.random.default_rng(0)
+    # two "tasks" of interleaved lengths within one 16-token bucket, and a long one in another bucket
+    examples = [([1] * int(rng.integers(32, 40)), [2]) for _ in range(64)]  # task A: 33..40 tokens
+    examples += [([3] * int(rng.integers(40, 48)), [4]) for _ in range(64)]  # task B: 41..48 tokens
+    examples += [([5] * 100, [6]) for _ in range(64)]  # long: its own bucket
+    batches = train.length_batches(examples, 16, seed=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(192))  # each example in exactly one batch
+    assert all(len(b) == 16 for b in batches)
+    for b in batches:
+        lengths = [len(examples[i][0]) + 1 for i in b]
+        assert max(lengths) - min(lengths) < 16  # padding stays under one bucket
+    kinds = [{examples[i][0][0] for i in b} for b in batches]
+    assert kinds.count({5}) == 4 and kinds.count({1, 3}) >= 6  # A and B share batches; plain sorting never mixes them
+    assert [b.tolist() for b in train.length_batches(examples, 16, seed=0)] == [b.tolist() for b in batches]
+    assert [b.tolist() for b in train.length_batches(examples, 16, seed=1)] != [b.tolist() for b in batches]
