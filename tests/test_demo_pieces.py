@@ -36,6 +36,8 @@ def test_tasks_are_reproducible_and_correct():
             assert answer == f"def {name}({a}, {b}):\n    return {a} {op} {b}"
     assert seen == set(TASKS)
     assert sum(a == "yes" for p, a in examples(2000, 0) if p.startswith("Balanced")) > 100  # both answers occur
+    mix = [task_of(p) for p, _ in examples(2000, 0, {"code": 0.1, "sort": 0.9})]
+    assert set(mix) == {"code", "sort"} and 100 < mix.count("code") < 300
 
 
 def test_tokenizer_and_config(tmp_path):

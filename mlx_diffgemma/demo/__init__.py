@@ -151,17 +151,17 @@ def generation_config(steps: int = 16) -> dict:
 
 
 def _sort(r: random.Random) -> tuple[str, str]:
-    xs = [r.randint(0, 99) for _ in range(r.randint(2, 6))]
+    xs = [r.randint(0, 9) for _ in range(r.randint(2, 6))]
     return "Sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
 
 
 def _reverse(r: random.Random) -> tuple[str, str]:
-    s = "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(3, 12)))
+    s = "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(3, 8)))
     return "Reverse: " + s, s[::-1]
 
 
 def _add(r: random.Random) -> tuple[str, str]:
-    a, b = r.randint(0, 999), r.randint(0, 999)
+    a, b = r.randint(0, 99), r.randint(0, 99)
     return f"Add: {a} + {b}", str(a + b)
 
 
@@ -203,8 +203,12 @@ def task_of(prompt: str) -> str:
     return next(name for name, prefix in PREFIXES.items() if prompt.startswith(prefix))
 
 
-def examples(n: int, seed: int) -> list[tuple[str, str]]:
-    """n (prompt, answer) pairs, the task chosen uniformly; the same seed gives the same examples."""
+def examples(n: int, seed: int, weights: dict[str, float] | None = None) -> list[tuple[str, str]]:
+    """n (prompt, answer) pairs, the task chosen uniformly (or in proportion to `weights`); the same seed gives
+    the same examples."""
     r = random.Random(seed)
     names = sorted(TASKS)
-    return [TASKS[r.choice(names)](r) for _ in range(n)]
+    if weights is None:
+        return [TASKS[r.choice(names)](r) for _ in range(n)]
+    w = [weights.get(name, 0.0) for name in names]
+    return [TASKS[r.choices(names, w)[0]](r) for _ in range(n)]
