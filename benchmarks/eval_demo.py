@@ -13,10 +13,10 @@ from pathlib import Path
 
 def tokenize(tok, pairs):
     """(prompt, answer) -> (prompt ids rendered as generation renders them, answer ids + end of turn)."""
-    from mlx_diffgemma.generate import render_prompt
+    from mlx_diffgemma.train import encode_example, end_of_turn
 
-    end = tok.convert_tokens_to_ids("<turn|>")
-    return [(render_prompt(tok, p), tok.encode(a, add_special_tokens=False) + [end]) for p, a in pairs]
+    end = end_of_turn(tok, tok.eos_token_id)
+    return [encode_example(tok, p, a, end) for p, a in pairs]
 
 
 def evaluate(model, tok, n: int, **settings) -> dict:

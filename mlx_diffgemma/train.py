@@ -231,14 +231,25 @@ def merged_weights(model: Model) -> dict[str, mx.array]:
     return weights
 
 
+def end_of_turn(tokenizer, eos_id: int) -> int:
+    """The id that ends an answer: the chat template's end of turn (`<turn|>`), or EOS where there is none."""
+    end = tokenizer.convert_tokens_to_ids("<turn|>")
+    return end if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None) else eos_id
+
+
+def encode_example(tokenizer, prompt: str | list[dict], answer: str, end: int) -> tuple[list[int], list[int]]:
+    """One training example: the prompt rendered exactly as generation renders it (chat template, generation
+    prompt), and the answer's ids followed by the end of turn."""
+    return list(render_prompt(tokenizer, prompt)), tokenizer.encode(answer, add_special_tokens=False) + [end]
+
+
 def load_jsonl(path: str | Path, tokenizer, eos_id: int) -> list[tuple[list[int], list[int]]]:
     """Chat-formatted JSONL: one {"messages": [..., {"role": "assistant", "content": ...}]} (or {"prompt": ...,
     "completion": ...}) per line. The prompt is the chat template's render of the messages before the last, with
     the generation prompt, exactly as at inference; the response is the answer followed by the end of turn."""
     import json
 
-    end = tokenizer.convert_tokens_to_ids("<turn|>")
-    end = end if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None) else eos_id
+    end = end_of_turn(tokenizer, eos_id)
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -257,11 +268,10 @@ def load_jsonl(path: str | Path, tokenizer, eos_id: int) -> list[tuple[list[int]
                 *history, answer = messages
                 if answer["role"] != "assistant" or not history:
                     raise ValueError("the last message must be the assistant's, after at least one other")
-                prompt = render_prompt(tokenizer, history)
-                response = tokenizer.encode(answer["content"], add_special_tokens=False) + [end]
+                pair = encode_example(tokenizer, history, answer["content"], end)
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
-            out.append((list(prompt), response))
+            out.append(pair)
     if not out:
         raise ValueError(f"{path} holds no examples")
     return out

@@ -171,7 +171,7 @@ def test_init_weights_for_training_from_scratch(checkpoint):
 
 def test_length_batches_mix_neighbouring_lengths():
     rng = np.random.default_rng(0)
-    # two "tasks" of interleaved lengths within one 16-token bucket, and a long one in another bucket
+    # two "tasks" of adjacent lengths within one 16-token bucket, and a long one in a bucket of its own
     examples = [([1] * int(rng.integers(32, 40)), [2]) for _ in range(64)]  # task A: 33..40 tokens
     examples += [([3] * int(rng.integers(40, 48)), [4]) for _ in range(64)]  # task B: 41..48 tokens
     examples += [([5] * 100, [6]) for _ in range(64)]  # long: its own bucket
