@@ -21,21 +21,18 @@ def test_tasks_are_reproducible_and_correct():
         elif kind == "Reverse":
             assert answer == rest[::-1]
         elif kind == "Add":
-            a, b = map(int, rest.split(" + "))
-            assert answer == str(a + b)
-        elif kind == "Balanced":
-            depth, ok = 0, True
-            for c in rest:
-                depth += 1 if c == "(" else -1
-                ok &= depth >= 0
-            assert answer == ("yes" if ok and depth == 0 else "no")
+            a, b = rest.split(" + ")
+            assert len(a) == len(b) == 2 and answer == f"{int(a) + int(b):03d}"
+        elif kind == "Close":
+            pairs = dict(zip("([{<", ")]}>"))
+            assert 3 <= len(rest) <= 8 and answer == "".join(pairs[c] for c in reversed(rest))
         else:
             name, a, b, op = re.fullmatch(
                 r"Write a Python function (\w+)\((\w), (\w)\) that returns \w (.) \w\.", prompt
             ).groups()
             assert answer == f"def {name}({a}, {b}):\n    return {a} {op} {b}"
     assert seen == set(TASKS)
-    assert sum(a == "yes" for p, a in examples(2000, 0) if p.startswith("Balanced")) > 100  # both answers occur
+    assert {len(a) for p, a in examples(2000, 0) if p.startswith("Add")} == {3}
     mix = [task_of(p) for p, _ in examples(2000, 0, {"code": 0.1, "sort": 0.9})]
     assert set(mix) == {"code", "sort"} and 100 < mix.count("code") < 300
 

@@ -161,27 +161,19 @@ def _reverse(r: random.Random) -> tuple[str, str]:
 
 
 def _add(r: random.Random) -> tuple[str, str]:
+    # Fixed width (two-digit operands, three-digit sum) so each digit keeps its column: every answer position
+    # then has one job (hundreds, tens, ones) at a fixed distance from the digits it depends on.
     a, b = r.randint(0, 99), r.randint(0, 99)
-    return f"Add: {a} + {b}", str(a + b)
+    return f"Add: {a:02d} + {b:02d}", f"{a + b:03d}"
+
+
+BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
 
 
 def _brackets(r: random.Random) -> tuple[str, str]:
-    n = r.randint(1, 5)
-    if r.random() < 0.5:  # balanced by construction
-        s, depth = "", 0
-        for _ in range(2 * n):
-            if depth and (r.random() < 0.5 or len(s) + depth >= 2 * n):
-                s, depth = s + ")", depth - 1
-            else:
-                s, depth = s + "(", depth + 1
-        s += ")" * depth
-    else:
-        s = "".join(r.choice("()") for _ in range(2 * n))
-    depth, ok = 0, True
-    for c in s:
-        depth += 1 if c == "(" else -1
-        ok &= depth >= 0
-    return "Balanced: " + s, "yes" if ok and depth == 0 else "no"
+    """Close a run of 3-8 open brackets of four kinds: each closer matches its opener, innermost first."""
+    s = "".join(r.choice(list(BRACKETS)) for _ in range(r.randint(3, 8)))
+    return "Close: " + s, "".join(BRACKETS[c] for c in reversed(s))
 
 
 def _code(r: random.Random) -> tuple[str, str]:
@@ -195,7 +187,7 @@ def _code(r: random.Random) -> tuple[str, str]:
 
 
 TASKS = {"sort": _sort, "reverse": _reverse, "add": _add, "brackets": _brackets, "code": _code}
-PREFIXES = {"sort": "Sort: ", "reverse": "Reverse: ", "add": "Add: ", "brackets": "Balanced: ", "code": "Write a "}
+PREFIXES = {"sort": "Sort: ", "reverse": "Reverse: ", "add": "Add: ", "brackets": "Close: ", "code": "Write a "}
 
 
 def task_of(prompt: str) -> str:
