@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,51 +24,82 @@ class LoadError(ValueError):
     """A model folder that cannot be loaded, with the reason in one line."""
 
 
-def resolve_path(path_or_repo: str | Path) -> Path:
-    """A local folder, or a repo id found in the local Hugging Face cache (no network)."""
-    if str(path_or_repo) == "demo":  # the demo model shipped inside the package
-        demo = Path(__file__).resolve().parent / "demo" / "model"
-        if not (demo / "config.json").exists():
-            raise LoadError("the demo model is not in this build yet (benchmarks/train_demo.py trains it)")
-        return demo
+DEMO = Path(__file__).resolve().parent / "demo" / "model"  # the demo model shipped inside the package
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.jinja", "tokenizer.model", "*.safetensors"]  # what loading and converting read
+
+
+def resolve_path(path_or_repo: str | Path, weights: bool = True) -> Path:
+    """A model folder: a local path (it wins over everything else, `./demo` included), `demo` (the model shipped
+    in the package), or a Hugging Face repo id, downloaded into the Hugging Face cache when it is not there yet
+    (only the files a model needs; `weights=False` takes only its configs and tokenizer). HF_HUB_OFFLINE=1
+    forbids downloading."""
     p = Path(path_or_repo).expanduser()
     if p.is_dir():
         return p
     if p.exists():
         raise LoadError(f"{p} is a file; expected a model folder")
     name = str(path_or_repo)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(
-                snapshot_download(
-                    name,
-                    local_files_only=True,
-                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"],
-                )
-            )
-        except Exception as e:  # the hub client raises several types for "not cached"
-            raise LoadError(
-                f"{name} is neither a local folder nor a repo in the local Hugging Face cache ({type(e).__name__})"
-            ) from None
+    if name == "demo":
+        if not (DEMO / "config.json").exists():
+            raise LoadError("the demo model is not in this build (benchmarks/train_demo.py --ship trains it)")
+        return DEMO
+    if REPO_ID.fullmatch(name) and ".." not in name:
+        return _download(name, HUB_FILES if weights else HUB_FILES[:-1])
     raise LoadError(f"model folder {p} does not exist")
 
 
+def _download(repo: str, patterns: list[str]) -> Path:
+    """snapshot_download with one-line errors; it resumes an interrupted download and reuses what is cached."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=patterns))
+    except GatedRepoError:
+        raise LoadError(f"{repo} is gated: accept its terms on the Hub, then log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise LoadError(
+            f"{repo} is neither a local folder nor a repo on the Hugging Face Hub (a private repo needs "
+            "`hf auth login`)"
+        ) from None
+    except RevisionNotFoundError:
+        raise LoadError(f"{repo} has no main revision on the Hugging Face Hub") from None
+    except LocalEntryNotFoundError:
+        offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise LoadError(f"{repo} is not in the local Hugging Face cache and {why}") from None
+    except HfHubHTTPError as e:
+        raise LoadError(f"cannot download {repo}: {' '.join(str(e).split())[:200]}") from None
+    except OSError as e:
+        raise LoadError(f"cannot download {repo}: {e.strerror or e}") from None
+
+
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors shards, from the index when there is one."""
+    """The safetensors shards, from the index when there is one. An index may only name files of the folder
+    itself: a name with a folder part (`../x`, `/etc/x`, `sub/x`) is refused before anything is opened."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
-            raise LoadError(f"cannot read {index}: {e}") from None
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LoadError(f"cannot read {index}: {type(e).__name__}: {e}") from None
+        for n in names:
+            if not isinstance(n, str) or not _plain_file_name(n):
+                raise LoadError(f"{index} names a shard outside the model folder: {n!r}")
         files = [path / n for n in names]
-        missing = [f.name for f in files if not f.exists()]
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise LoadError(f"{path} is missing shards named in its index: {', '.join(missing)}")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.is_file())
     if not files:
         other = [f.name for f in path.glob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         hint = (
@@ -76,12 +109,17 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _plain_file_name(name: str) -> bool:
+    """A file name with no folder part, on any OS."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\:\0")
+
+
 def load_weights(path: Path) -> dict[str, mx.array]:
     """All tensors of all shards, lazily (read on first use)."""
     weights: dict[str, mx.array] = {}
     for f in weight_files(path):
         try:
-            weights.update(mx.load(str(f)))
+            weights.update(mx.load(str(f), format="safetensors"))
         except Exception as e:  # MLX raises RuntimeError/ValueError for a damaged file
             raise LoadError(f"cannot read {f}: {e}") from None
     return weights
@@ -180,16 +218,20 @@ def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
 
 
 def load_tokenizer(path: str | Path) -> Any | None:
-    """mlx-lm's TokenizerWrapper (with a streaming detokenizer), or None when the folder has no tokenizer."""
+    """The folder's tokenizer (see `tokenizer.py`: tokenizer.json without transformers; a SentencePiece-only
+    folder, or MLX_DIFFGEMMA_TOKENIZER=transformers, through transformers with remote code off), or None when the
+    folder has no tokenizer."""
+    from . import tokenizer
+
     path = resolve_path(path)
     if not any((path / f).exists() for f in _TOKENIZER_FILES):
         return None
-    from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
-
     try:
-        return load_mlx_lm_tokenizer(path)
-    except Exception as e:  # tokenizers/transformers raise many types for a broken tokenizer folder
-        raise LoadError(f"cannot load the tokenizer in {path}: {e}") from None
+        if os.environ.get("MLX_DIFFGEMMA_TOKENIZER") == "transformers":
+            return tokenizer.load_transformers(path)
+        return tokenizer.load(path)
+    except tokenizer.TokenizerError as e:
+        raise LoadError(str(e)) from None
 
 
 def load(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> tuple[Model, Any | None]:
@@ -198,5 +240,6 @@ def load(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = Fal
     Returns (model, tokenizer); the tokenizer is mlx-lm's TokenizerWrapper, or None when the folder has none.
     dtype casts every floating weight ("float32", "bfloat16", "float16"); None keeps the stored dtype.
     The vision tower, if present, is ignored."""
-    model = load_model(path, dtype=dtype, lazy=lazy)
-    return model, load_tokenizer(path)
+    folder = resolve_path(path)  # once: a repo id is looked up (or downloaded) a single time
+    model = load_model(folder, dtype=dtype, lazy=lazy)
+    return model, load_tokenizer(folder)

@@ -109,5 +109,5 @@ def test_repo_id_from_local_hf_cache(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, _ = load("tiny/diffusiongemma")
     assert model.canvas_length == 16
-    with pytest.raises(LoadError, match="neither a local folder nor a repo in the local Hugging Face cache"):
+    with pytest.raises(LoadError, match="tiny/absent is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load("tiny/absent")
