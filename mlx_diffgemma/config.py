@@ -102,6 +102,22 @@ class TextConfig:
         if missing:
             raise ConfigError(f"text_config is missing required keys: {', '.join(missing)}")
         v = {**_TEXT_DEFAULTS, **{k: x for k, x in d.items() if x is not None or k in _TEXT_DEFAULTS}}
+        for k in (*_REQUIRED, "vocab_size", "max_position_embeddings", "sliding_window"):
+            require_int(k, v[k], 1)
+        for k in ("global_head_dim", "num_global_key_value_heads"):
+            if v.get(k) is not None:
+                require_int(k, v[k], 1)
+        if v["top_k_experts"] > v["num_experts"]:
+            raise ConfigError(f"top_k_experts ({v['top_k_experts']}) is more than num_experts ({v['num_experts']})")
+        require_float("rms_norm_eps", v["rms_norm_eps"], positive=True)
+        if v["final_logit_softcapping"] is not None:
+            require_float("final_logit_softcapping", v["final_logit_softcapping"])
+        for k in ("pad_token_id", "bos_token_id"):
+            if v.get(k) is not None:
+                require_int(k, v[k], 0)
+        eos = v.get("eos_token_id")
+        for e in [] if eos is None else [eos] if not isinstance(eos, list) else eos:
+            require_int("eos_token_id", e, 0)
         if v.get("use_bidirectional_attention") == "all":
             raise ConfigError("use_bidirectional_attention='all' (a bidirectional encoder) is not supported")
         if v["hidden_activation"] not in ("gelu_pytorch_tanh", "gelu"):
@@ -121,10 +137,18 @@ class TextConfig:
         layer_types[-1] = FULL  # transformers forces the last layer to full attention
 
         rope = v.get("rope_parameters") or _DEFAULT_ROPE
+        if not isinstance(rope, dict):
+            raise ConfigError("rope_parameters must map layer types to settings")
         for t in set(layer_types):
             p = rope.get(t)
-            if p is None:
+            if not isinstance(p, dict):
                 raise ConfigError(f"rope_parameters has no entry for {t}")
+            require_float(f"rope_parameters.{t}.rope_theta", p.get("rope_theta"), positive=True)
+            for k in ("partial_rotary_factor", "factor"):
+                if k in p:
+                    require_float(f"rope_parameters.{t}.{k}", p[k], positive=True)
+            if p.get("partial_rotary_factor", 1.0) > 1:
+                raise ConfigError(f"rope_parameters.{t}.partial_rotary_factor must be at most 1")
             if p.get("rope_type", "default") not in ("default", "proportional"):
                 raise ConfigError(f"unsupported rope_type {p.get('rope_type')!r} for {t}")
             if p.get("rope_type", "default") == "default" and p.get("partial_rotary_factor", 1.0) != 1.0:
@@ -169,11 +193,11 @@ def _resolve_layers(v: dict[str, Any], layer_types: list[str]) -> list[LayerSpec
     specs = []
     for i, t in enumerate(layer_types):
         o = per_layer.get(i, {})
-        specs.append(
-            LayerSpec(
-                t, int(o.get("head_dim", v["head_dim"])), int(o.get("num_key_value_heads", v["num_key_value_heads"]))
-            )
-        )
+        head_dim = require_int(f"layer {i} head_dim", o.get("head_dim", v["head_dim"]), 2)
+        heads = require_int(f"layer {i} num_key_value_heads", o.get("num_key_value_heads", v["num_key_value_heads"]), 1)
+        if head_dim % 2:
+            raise ConfigError(f"layer {i} head_dim must be even (RoPE rotates pairs), got {head_dim}")
+        specs.append(LayerSpec(t, head_dim, heads))
     for t in set(layer_types):  # RoPE is built per layer type, so each type must have one head_dim
         dims = {s.head_dim for s in specs if s.layer_type == t}
         if len(dims) > 1:
@@ -200,7 +224,7 @@ class ModelConfig:
         if not isinstance(d.get("text_config"), dict):
             raise ConfigError("config.json has no text_config")
         canvas = d.get("canvas_length") or 256
-        if not isinstance(canvas, int) or canvas <= 0:
+        if type(canvas) is not int or canvas <= 0:
             raise ConfigError(f"canvas_length must be a positive integer, got {canvas!r}")
         return cls(
             text_config=TextConfig.from_dict(d["text_config"]),
@@ -239,7 +263,7 @@ class GenerationConfig:
             g.eos_token_id, g.pad_token_id, g.bos_token_id = text.eos_token_ids, text.pad_token_id, text.bos_token_id
         sampler = d.get("sampler_config") or {}
         if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
-            g.entropy_bound = float(sampler["entropy_bound"])
+            g.entropy_bound = sampler["entropy_bound"]
         for k in (
             "max_denoising_steps",
             "t_min",
@@ -254,30 +278,57 @@ class GenerationConfig:
                 setattr(g, k, d[k])
         if d.get("eos_token_id") is not None:
             e = d["eos_token_id"]
-            g.eos_token_id = [e] if isinstance(e, int) else list(e)
+            g.eos_token_id = list(e) if isinstance(e, list) else [e]
         g.validate()
         return g
 
     @classmethod
     def from_file(cls, path: str | Path, text: TextConfig | None = None) -> GenerationConfig:
         p = Path(path)
-        return cls.from_dict(_read_json(p) if p.exists() else {}, text)
+        try:
+            return cls.from_dict(_read_json(p) if p.exists() else {}, text)
+        except ConfigError as e:
+            raise ConfigError(f"{p.name}: {e}" if not str(e).startswith(str(p)) else str(e)) from None
 
-    def validate(self) -> None:
-        if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps <= 0:
-            raise ConfigError(f"max_denoising_steps must be a positive integer, got {self.max_denoising_steps!r}")
-        if self.t_min < 0 or self.t_max < 0:
-            raise ConfigError(f"temperatures must be >= 0 (t_min={self.t_min}, t_max={self.t_max})")
+    def validate(self, names: dict[str, str] | None = None) -> None:
+        """Raise a ConfigError for a value the sampler cannot use; `names` shows settings under other names (the
+        command line's flags) in the message."""
+        names = names or {}
+
+        def n(key: str) -> str:
+            return names.get(key, key)
+
+        require_int(n("max_denoising_steps"), self.max_denoising_steps, 1)
+        require_float(n("t_min"), self.t_min)
+        require_float(n("t_max"), self.t_max)
+        require_float(n("entropy_bound"), self.entropy_bound)
+        require_int(n("stability_threshold"), self.stability_threshold, 0)
+        require_float(n("confidence_threshold"), self.confidence_threshold, positive=True)
+        require_int(n("max_new_tokens"), self.max_new_tokens, 1)
+        if not isinstance(self.eos_token_id, list):
+            raise ConfigError(f"{n('eos_token_id')} must be a list of token ids, got {self.eos_token_id!r}")
+        for e in self.eos_token_id:
+            require_int(n("eos_token_id"), e, 0)
         if self.t_max <= self.t_min:
-            raise ConfigError(f"t_max must be greater than t_min (t_min={self.t_min}, t_max={self.t_max})")
-        if self.entropy_bound < 0:
-            raise ConfigError(f"entropy_bound must be >= 0, got {self.entropy_bound}")
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
-            raise ConfigError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
-        if self.confidence_threshold <= 0:
-            raise ConfigError(f"confidence_threshold must be > 0, got {self.confidence_threshold}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise ConfigError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise ConfigError(
+                f"{n('t_max')} must be greater than {n('t_min')} ({n('t_min')}={self.t_min}, {n('t_max')}={self.t_max})"
+            )
+
+
+def require_int(name: str, value: Any, minimum: int) -> int:
+    """An integer (not a bool, not a float) >= minimum, or a ConfigError naming the key."""
+    if type(value) is not int or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def require_float(name: str, value: Any, positive: bool = False, minimum: float = 0.0) -> float:
+    """A finite number >= minimum (> 0 with positive), or a ConfigError naming the key."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (positive and value <= 0):
+        bound = "> 0" if positive else f">= {minimum:g}"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from . import sampling
+from . import memory, sampling
 from .cache import PromptCache
 from .config import GenerationConfig
 from .model import Model
@@ -26,7 +26,7 @@ class Step:
     """One denoising step of one block."""
 
     block: int  # 0-based block index
-    step: int  # transformers' countdown: N on the first step of a block, 1 on the last possible one
+    step: int  # 1 on the block's first denoising step, counting up (at most max_denoising_steps)
     draft: mx.array  # (C,) the argmax canvas after this step (unevaluated until read)
     settled: mx.array  # (C,) bool: the positions the sampler accepted this step (the rest were renoised)
 
@@ -49,8 +49,14 @@ class Commit:
     generated: int = 0  # tokens this block generated as transformers counts them (through the EOS, else all C)
 
 
-def settings(model: Model, **overrides) -> GenerationConfig:
-    """The checkpoint's generation defaults with keyword overrides, validated (a ConfigError on bad values)."""
+class PromptError(ValueError):
+    """A prompt this model cannot take (ids outside its vocabulary, more than its context or the memory holds),
+    with the reason in one line."""
+
+
+def settings(model: Model, *, names: dict[str, str] | None = None, **overrides) -> GenerationConfig:
+    """The checkpoint's generation defaults with keyword overrides, validated (a ConfigError on bad values, naming
+    each setting as `names` says, e.g. by its command-line flag)."""
     base = getattr(model, "generation_config", None) or GenerationConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(GenerationConfig)}
     if unknown:
@@ -58,7 +64,7 @@ def settings(model: Model, **overrides) -> GenerationConfig:
     g = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if isinstance(g.eos_token_id, int):
         g.eos_token_id = [g.eos_token_id]
-    g.validate()
+    g.validate(names)
     return g
 
 
@@ -97,6 +103,8 @@ def generate_step(
         raise ValueError(f"prompt must have shape (1, P), got {tuple(prompt.shape)}")
     if prompt is None and (cache is None or cache.offset == 0):
         raise ValueError("no prompt: pass prompt ids or a cache that holds them")
+    if prompt is not None:
+        check_ids(model, prompt)
     cache = cache if cache is not None else model.make_cache()
     key = key if key is not None else mx.random.key(int(time.time_ns() % 2**31))
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
@@ -106,19 +114,19 @@ def generate_step(
     produced = 0
     for block in range(math.ceil(max_tokens / C)):
         if pending is not None:
-            model.encode(pending, cache)
+            prefill(model, pending, cache)
         key, k_init = mx.random.split(key)
         canvas = sampling.random_canvas((1, C), V, key=k_init)
         history = sampling.new_history(g.stability_threshold, 1, C)
         sc, argmax, steps = None, canvas, 0
-        for step in range(N, 0, -1):
+        for countdown in range(N, 0, -1):  # transformers' step counter: N first, 1 at the last possible step
             key, k_step = mx.random.split(key)
             logits = model.denoise(canvas, cache, sc)
-            temp = mx.array(sampling.temperature(step, g.t_min, g.t_max, N), dtype=mx.float32)
+            temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
             canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, k_step)
             steps += 1
             mx.async_eval(canvas, argmax, stop)
-            yield Step(block, step, argmax[0], mask[0])
+            yield Step(block, steps, argmax[0], mask[0])
             if stop.item():  # the one host read per step
                 break
         tokens = argmax[0].tolist()
@@ -173,14 +181,23 @@ def render_prompt(
     raw: bool = False,
 ) -> list[int]:
     """Token ids for a prompt: a string rendered as one user turn with the chat template (optionally after a
-    system prompt), a list of chat messages, ids as they are, or (raw) a string tokenized without a template."""
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+    system prompt), a list of chat messages, ids as they are (checked against the vocabulary where they are
+    used), or (raw) a string tokenized without a template."""
+    if not isinstance(prompt, (str, list)):
+        raise PromptError(
+            f"a prompt is a string, a list of messages or a list of token ids, not {type(prompt).__name__}"
+        )
+    if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
         ids = list(prompt)
     elif raw:
         if not isinstance(prompt, str):
             raise ValueError("raw mode takes a string prompt")
         ids = tokenizer.encode(prompt)
     else:
+        if isinstance(prompt, list) and not all(
+            isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        ):
+            raise PromptError('chat messages are {"role": "...", "content": "..."} dicts')
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if system is not None:
             messages = [{"role": "system", "content": system}] + messages
@@ -189,7 +206,7 @@ def render_prompt(
         )
         ids = ids["input_ids"] if isinstance(ids, dict) else ids
     if not ids or (isinstance(prompt, str) and not prompt.strip()):
-        raise ValueError("the prompt is empty")
+        raise PromptError("the prompt is empty")
     return ids
 
 
@@ -257,29 +274,81 @@ def stream_generate(
     yield from _stream(model, tokenizer, ids, g, max_tokens, cache or model.make_cache(), seed)
 
 
-class ContextError(ValueError):
-    """A prompt (with the blocks to generate) longer than the model's context."""
+class ContextError(PromptError):
+    """A prompt (with the blocks to generate) longer than the model's context, or than memory can hold."""
+
+
+def check_ids(model: Model, ids: list[int] | mx.array) -> None:
+    """Every id inside the model's vocabulary (an id past the embedding table would read outside it)."""
+    V = model.args.vocab_size
+    if isinstance(ids, mx.array):
+        if ids.size == 0:
+            raise PromptError("the prompt is empty")
+        if not mx.issubdtype(ids.dtype, mx.integer):
+            raise PromptError(f"token ids must be integers, got {ids.dtype}")
+        lo, hi = mx.min(ids).item(), mx.max(ids).item()
+        bad = hi if hi >= V else lo if lo < 0 else None
+    else:
+        bad = next((i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < V), None)
+    if bad is not None:
+        raise PromptError(
+            f"token id {bad!r} is outside the model's vocabulary (0..{V - 1}); the tokenizer or the ids do not "
+            "belong to this model"
+        )
+
+
+PREFILL_STEP = 512  # prompt tokens encoded per pass (mlx-lm's prefill step size, smaller for CPU attention)
+
+
+def prefill(model: Model, ids: mx.array, cache: PromptCache, step: int = PREFILL_STEP) -> None:
+    """Encode ids (B, L) into `cache` `step` tokens at a time, evaluating each piece: memory holds one piece's
+    attention over the cache, so it grows linearly with the prompt instead of with its square. Same result as
+    one `model.encode` (the sliding layers' masks join the cached window to each piece)."""
+    for start in range(0, ids.shape[1], step):
+        model.encode(ids[:, start : start + step], cache)
+        cache.materialize()
+
+
+def memory_estimate(model: Model, positions: int, batch: int = 1) -> memory.Estimate:
+    """What a context of `positions` tokens needs in memory (see `memory.estimate`)."""
+    return memory.estimate(
+        model.args,
+        model.canvas_length,
+        model.dtype.size,
+        positions,
+        PREFILL_STEP,
+        batch=batch,
+        dense_experts=bool(model.layers) and model.layers[0].experts.dense(),
+        fused_attention=mx.default_device() == mx.gpu,
+    )
 
 
 def _check_context(model: Model, cache: PromptCache, n_prompt: int, max_tokens: int) -> None:
     C, limit = model.canvas_length, model.args.max_position_embeddings
     needed = cache.offset + n_prompt + math.ceil(max_tokens / C) * C
+    held = f" after {cache.offset} earlier tokens" if cache.offset else ""
     if needed > limit:
-        held = f" after {cache.offset} earlier tokens" if cache.offset else ""
         raise ContextError(
             f"the prompt has {n_prompt} tokens{held}; with {max_tokens} new tokens (in blocks of {C}) it needs "
             f"{needed} positions, more than the model's context of {limit}"
         )
+    est, free = memory_estimate(model, needed), memory.available()
+    if free is not None and est.total > free:
+        raise ContextError(
+            f"the prompt has {n_prompt} tokens{held}; with {max_tokens} new tokens it needs about "
+            f"{memory.fmt(est.total)} of memory (KV cache {memory.fmt(est.kv_cache)}, working "
+            f"{memory.fmt(est.total - est.kv_cache)}) and {memory.fmt(max(free, 0))} is available; shorten it"
+        )
 
 
 def _stream(model, tokenizer, ids, g, max_tokens, cache, seed, in_thought=None) -> Iterator[Step | Block | Done]:
+    check_ids(model, ids)
     _check_context(model, cache, len(ids), max_tokens)
     key = mx.random.key(seed if seed is not None else time.time_ns() % 2**31)
     stream = _TextStream(tokenizer, in_thought if in_thought is not None else _opens_thought(tokenizer, ids))
     mx.reset_peak_memory()
     tic = time.perf_counter()
-    model.encode(mx.array([ids]), cache)
-    cache.materialize()
+    prefill(model, mx.array([ids]), cache)
     prompt_time = time.perf_counter() - tic
     tic = time.perf_counter()
     texts, thoughts, n_tokens, generated, steps = [], [], 0, 0, 0
@@ -322,3 +391,11 @@ def generate(model: Model, tokenizer, prompt: str | list[dict] | list[int], **kw
         if isinstance(event, Done):
             return event.text
     raise AssertionError("stream_generate ended without Done")
+
+
+if __name__ == "__main__":  # python -m mlx_diffgemma.generate, as mlx-lm users type it
+    import sys
+
+    from .cli import run
+
+    run(["generate", *sys.argv[1:]])

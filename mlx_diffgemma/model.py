@@ -6,6 +6,8 @@ only strips prefixes. Shapes: B batch, L new tokens, S attended positions, C can
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -13,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .cache import FullAttentionCache, KVSource, PromptCache, SlidingWindowCache
 from .config import LayerSpec, ModelConfig, TextConfig
@@ -159,7 +162,7 @@ class QuantizedSwitchLinear(nn.Module):
         )
 
 
-def _expert_path(x: mx.array) -> str:
+def expert_path() -> str:
     """ "gather" (gather_mm over the chosen experts) or "dense" (every expert; MLX's CPU gather_mm is float32-only
     and slower than dense there). Same numbers either way; MLX_DIFFGEMMA_EXPERTS=dense|gather overrides."""
     forced = os.environ.get("MLX_DIFFGEMMA_EXPERTS")
@@ -176,6 +179,10 @@ class Experts(nn.Module):
         self.down_proj = SwitchLinear(I, H, E)
         self.act = _activation(cfg.hidden_activation)
 
+    def dense(self) -> bool:
+        """Whether every expert runs on every token here (the dense path), rather than the chosen ones."""
+        return expert_path() == "dense" and isinstance(self.gate_up_proj, SwitchLinear)
+
     def _glu(self, gu: mx.array) -> mx.array:
         gate, up = mx.split(gu, 2, axis=-1)
         return self.act(gate) * up
@@ -183,7 +190,7 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """x (N, H), idx (N, k) expert ids, w (N, k) float32 weights -> (N, H)."""
         N, k = idx.shape
-        if _expert_path(x) == "dense" and isinstance(self.gate_up_proj, SwitchLinear):
+        if self.dense():
             y = self.down_proj.dense(self._glu(self.gate_up_proj.dense(x)))  # (E, N, H)
             onehot = idx[..., None] == mx.arange(y.shape[0])  # (N, k, E)
             dense_w = (onehot * w[..., None]).sum(axis=1)  # (N, E)
@@ -407,6 +414,15 @@ def our_name(name: str) -> str | None:
         return f"layers.{m[1]}.encoder_layer_scalar"
     name = name.removeprefix("model.encoder.language_model.").removeprefix("model.decoder.")
     return re.sub(r"experts\.(gate_up_proj|down_proj)$", r"experts.\1.weight", name)
+
+
+def fingerprint(model: Model) -> str:
+    """Identifies a model's weights and config cheaply: config, dtype, and a few weight values."""
+    h = hashlib.sha256(json.dumps(model.config.raw, sort_keys=True, default=str).encode())
+    h.update(str(model.dtype).encode())
+    for w in (model.norm.weight, model.self_conditioning.pre_norm.weight, model.layers[0].input_layernorm.weight):
+        h.update(np.array(w.astype(mx.float32)).tobytes())
+    return h.hexdigest()[:32]
 
 
 def num_parameters(model: Model) -> int:

@@ -17,16 +17,14 @@ from rich.live import Live
 from rich.text import Text
 
 from .generate import Block, Done, Step
+from .memory import fmt
 
 
 def render_plain(
-    events: Iterable,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
-    verbose: bool = False,
-    final_newline: bool = False,
+    events: Iterable, out: TextIO = sys.stdout, err: TextIO = sys.stderr, verbose: bool = False
 ) -> Done | None:
-    """Committed answer text only, block by block, flushed; the thought channel goes to `err`."""
+    """Committed answer text only, block by block, flushed, ending with a newline; the thought channel goes to
+    `err`."""
     done = None
     for e in events:
         if isinstance(e, Block):
@@ -37,29 +35,30 @@ def render_plain(
             out.flush()
         elif isinstance(e, Done):
             done = e
-    newline = done is not None and not done.text.endswith("\n")
-    if final_newline and newline:
+    if done is not None and done.text and not done.text.endswith("\n"):
         out.write("\n")
-    if verbose and done is not None:  # on a line of its own when both streams share a screen
-        err.write(("\n" if newline and not final_newline else "") + stats_line(done) + "\n")
+        out.flush()
+    if verbose and done is not None:
+        err.write(stats_line(done) + "\n")
     return done
 
 
 def render_json(events: Iterable, out: TextIO = sys.stdout) -> Done | None:
-    """One JSON object per event."""
+    """One JSON object per event. Blocks and steps count from 1, as the live view shows them."""
     done = None
     for e in events:
         if isinstance(e, Step):
             obj = {
                 "event": "step",
-                "block": e.block,
+                "block": e.block + 1,
                 "step": e.step,
                 "accepted": e.accepted,
                 "draft": e.draft.tolist(),
                 "settled": e.settled.tolist(),
             }
         elif isinstance(e, Block):
-            obj = {"event": "block", **dataclasses.asdict(e)}
+            fields = {k: v for k, v in dataclasses.asdict(e).items() if k != "index"}
+            obj = {"event": "block", "block": e.index + 1, **fields}
         else:
             done = e
             obj = {"event": "done", **dataclasses.asdict(e)}
@@ -72,7 +71,7 @@ def stats_line(d: Done) -> str:
     return (
         f"{d.finish_reason} · prompt {d.prompt_tokens} tokens, {d.prompt_tps:.1f} tok/s · generated "
         f"{d.generation_tokens} tokens, {d.generation_tps:.1f} tok/s · {d.denoising_steps} denoising steps, "
-        f"{d.tokens_per_forward:.2f} tokens per forward · peak memory {d.peak_memory_gb:.2f} GB"
+        f"{d.tokens_per_forward:.2f} tokens per forward · peak memory {fmt(d.peak_memory_gb * 1e9)}"
     )
 
 
@@ -136,7 +135,7 @@ class LiveView:
 
     def _step(self, e: Step) -> None:
 
-        self.block, self.step_i = e.block, self.max_steps - e.step + 1
+        self.block, self.step_i = e.block, e.step
         settled = e.settled.tolist()
         self.accepted = sum(settled)
         canvas = Text()

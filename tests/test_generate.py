@@ -29,14 +29,14 @@ def test_event_order_and_counts(model):
     commits = [e for e in events if isinstance(e, Commit)]
     assert [c.block for c in commits] == [0, 1, 2]
     block = 0
-    for e in events:  # each block's steps count down from N, then its commit
+    for e in events:  # each block's steps count up from 1, then its commit
         if isinstance(e, Step):
             assert e.block == block and 1 <= e.step <= 6 and 1 <= int(e.accepted) <= 16
         else:
             block += 1
     for c in commits:
         steps = [e for e in events if isinstance(e, Step) and e.block == c.block]
-        assert [s.step for s in steps] == list(range(6, 6 - len(steps), -1)) and c.steps == len(steps)
+        assert [s.step for s in steps] == list(range(1, len(steps) + 1)) and c.steps == len(steps)
     assert len(tokens(events)) == 40 and commits[-1].finish_reason == "length"
     assert commits[0].tokens == events[commits[0].steps - 1].draft.tolist()  # the commit is the last draft
 
