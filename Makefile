@@ -48,4 +48,4 @@ demo: runtime
 	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma generate --model demo -p "$(DEMO_PROMPT)" --seed 0 --verbose
 
 lint: setup
-	$(VENV)/bin/ruff check mlx_diffgemma convert tests benchmarks
+	$(VENV)/bin/ruff check mlx_diffgemma tests benchmarks

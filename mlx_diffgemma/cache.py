@@ -7,14 +7,16 @@ instead of copying the cache. Arrays are (B, kv_heads, positions, head_dim).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 KV = tuple[mx.array, mx.array]
 # What a layer does with the K/V of its new tokens: returns the keys and values that the new tokens attend to.
@@ -147,40 +149,120 @@ class CacheFileError(ValueError):
 FORMAT = "mlx-diffgemma-cache/1"
 
 
+def _digest(arrays: dict[str, mx.array]) -> str:
+    """sha256 over the arrays' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(f"{name}|{a.dtype}|{tuple(a.shape)}|".encode())
+        raw = a.view(mx.uint16) if a.dtype == mx.bfloat16 else a
+        h.update(memoryview(np.ascontiguousarray(np.array(raw, copy=False))).cast("B"))
+    return h.hexdigest()
+
+
 def save_cache(path: str | Path, cache: PromptCache, metadata: dict[str, Any]) -> None:
-    """Write the cache's K/V and `metadata` (JSON-able) to a safetensors file, atomically: a temporary file beside
-    `path` renamed into place once complete, so an interrupted save leaves no file that loads."""
+    """Write the cache's K/V and `metadata` (JSON-able) to a safetensors file (whatever its name), with a digest of
+    the arrays, atomically: written beside `path` and renamed into place once complete, so an interrupted save
+    leaves no file that loads and the previous one, if any, whole."""
+    from .files import replace_path, staging_file
+
     path = Path(path)
     arrays: dict[str, mx.array] = {}
     for i, kv in enumerate(cache.state()):
         if kv is not None:
             arrays[f"{i}.keys"], arrays[f"{i}.values"] = kv
-    meta = {"format": FORMAT, "offsets": json.dumps([c.offset for c in cache.layers]), "meta": json.dumps(metadata)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent or ".")
-    os.close(fd)
+    mx.eval(arrays)
+    meta = {
+        "format": FORMAT,
+        "offsets": json.dumps([c.offset for c in cache.layers]),
+        "meta": json.dumps(metadata),
+        "digest": _digest(arrays),
+    }
+    tmp = staging_file(path)
     try:
-        mx.save_safetensors(tmp, arrays, metadata=meta)
-        with open(tmp, "rb") as f:
+        with open(tmp, "wb") as f:  # a file object: MLX would append ".safetensors" to a name without it
+            mx.save_safetensors(f, arrays, metadata=meta)
+            f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_path(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
-def load_cache(path: str | Path, cache: PromptCache) -> dict[str, Any]:
-    """Fill an empty `cache` (from the same model's make_cache) from a file written by save_cache; returns the
-    metadata it was saved with."""
+def saved_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The metadata `save_cache` wrote into `path` (read from the header alone), or None when `path` is not such a
+    file. A CacheFileError when it is one whose metadata is damaged."""
     try:
-        arrays, meta = mx.load(str(path), return_metadata=True)
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 1 << 26:
+                return None
+            header = json.loads(f.read(n))
+        meta = header.get("__metadata__", {})
+    except (OSError, ValueError, struct.error, AttributeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    try:
+        metadata = json.loads(meta["meta"])
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not an object")
+    except (KeyError, ValueError, TypeError) as e:
+        raise CacheFileError(f"{path} is damaged ({e})") from None
+    return metadata
+
+
+def is_cache_file(path: str | Path) -> bool:
+    """Whether `path` is a file that `save_cache` wrote (its header says so; nothing else is read)."""
+    try:
+        return saved_metadata(path) is not None
+    except CacheFileError:
+        return True
+
+
+def load_cache(path: str | Path, cache: PromptCache, shapes: list[tuple[int, int]], dtype: mx.Dtype) -> dict[str, Any]:
+    """Fill an empty `cache` (from the same model's make_cache) from a file written by save_cache, whatever its
+    name; returns the metadata it was saved with. `shapes` is each layer's (kv_heads, head_dim) and `dtype` the
+    model's: a file whose arrays do not fit them, or whose digest does not match its arrays, is refused."""
+    p = Path(path)
+    if p.is_dir():
+        raise CacheFileError(f"{path} is a folder, not a saved chat")
+    try:
+        arrays, meta = mx.load(str(p), format="safetensors", return_metadata=True)
     except Exception as e:  # MLX raises several types for missing or damaged files
-        raise CacheFileError(f"cannot read cache file {path}: {e}") from None
+        reason = "no such file" if not p.exists() else f"not a safetensors file ({type(e).__name__})"
+        raise CacheFileError(f"cannot read cache file {path}: {reason}") from None
     if meta.get("format") != FORMAT:
         raise CacheFileError(f"{path} is not an mlx-diffgemma cache file (format {meta.get('format')!r})")
-    offsets = json.loads(meta["offsets"])
+    try:
+        offsets = json.loads(meta["offsets"])
+        metadata = json.loads(meta["meta"])
+        digest = meta["digest"]
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata is not an object")
+        if not isinstance(offsets, list) or not all(type(o) is int and o >= 0 for o in offsets):
+            raise ValueError("bad offsets")
+    except (KeyError, ValueError, TypeError) as e:
+        raise CacheFileError(f"{path} is damaged ({e})") from None
     if len(offsets) != len(cache.layers):
         raise CacheFileError(f"{path} holds {len(offsets)} layers, this model has {len(cache.layers)}")
-    for i, (layer, offset) in enumerate(zip(cache.layers, offsets)):
-        if f"{i}.keys" in arrays:
-            layer.set_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], offset)
-    return json.loads(meta["meta"])
+    if _digest(arrays) != digest:
+        raise CacheFileError(f"{path} is damaged: its arrays do not match the digest saved with them")
+    if len(set(offsets)) > 1:
+        raise CacheFileError(f"{path} is damaged: its layers hold different numbers of positions")
+    names = {f"{i}.{kind}" for i, o in enumerate(offsets) if o for kind in ("keys", "values")}
+    if set(arrays) != names:
+        raise CacheFileError(f"{path} is damaged: it does not hold one key and one value array per layer")
+    for i, (layer, offset, (heads, dim)) in enumerate(zip(cache.layers, offsets, shapes)):
+        if not offset:
+            continue
+        keys, values = arrays[f"{i}.keys"], arrays[f"{i}.values"]
+        held = offset if isinstance(layer, FullAttentionCache) else min(offset, layer.keep)
+        for a in (keys, values):
+            if a.ndim != 4 or tuple(a.shape[1:]) != (heads, held, dim) or a.dtype != dtype:
+                raise CacheFileError(
+                    f"{path} does not fit this model: layer {i} holds {a.dtype} {tuple(a.shape)}, expected "
+                    f"{dtype} (B, {heads}, {held}, {dim})"
+                )
+        layer.set_state(keys, values, offset)
+    return metadata

@@ -7,18 +7,14 @@ template appends for the new user message. The cache can be saved to disk and re
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 from . import __version__
-from .cache import CacheFileError, load_cache, save_cache
+from .cache import CacheFileError, is_cache_file, load_cache, save_cache, saved_metadata
+from .files import OutputError, check_output
 from .generate import Block, Done, Step, _stream, settings
-from .model import Model
+from .model import Model, fingerprint
 
 CLOSE_TURN = "<turn|>\n"
 
@@ -95,8 +91,17 @@ class ChatSession:
 
     # ---- persistence ---------------------------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        """Write the cache and the conversation to `path` (a safetensors file), atomically."""
+    def save(self, path: str | Path, force: bool = False) -> None:
+        """Write the cache and the conversation to `path` (a safetensors file, whatever its name), atomically. An
+        existing file is replaced only when it is a saved chat, or with `force`; never a folder or a device."""
+        check_output(
+            Path(path),
+            force=force,
+            ours=is_cache_file,
+            folder=False,
+            what="chat file",
+            not_ours=" and is not a saved chat",
+        )
         save_cache(
             path,
             self.cache,
@@ -112,24 +117,89 @@ class ChatSession:
 
     @classmethod
     def load(cls, path: str | Path, model: Model, tokenizer, **overrides) -> ChatSession:
-        """Restore a session saved with `save`; a file from another model or version is refused."""
+        """Restore a session saved with `save`; a file from another model or version, or a damaged one, is
+        refused (CacheFileError) and nothing else changes."""
         session = cls(model, tokenizer, **overrides)
-        cache = model.make_cache()
-        meta = load_cache(path, cache)
-        if meta.get("version") != __version__:
-            raise CacheFileError(f"{path} was saved by mlx-diffgemma {meta.get('version')}, this is {__version__}")
-        if meta.get("model") != fingerprint(model):
+        header = saved_metadata(path) or {}  # what the file says of itself, before its arrays are read
+        if header and header.get("version") != __version__:
+            raise CacheFileError(f"{path} was saved by mlx-diffgemma {header.get('version')}, this is {__version__}")
+        if header and header.get("model") != fingerprint(model):
             raise CacheFileError(f"{path} was saved with a different model")
-        session.cache, session.messages = cache, meta["messages"]
-        session.tokens, session.pending = meta["tokens"], meta["pending"]
+        cache = model.make_cache()
+        shapes = [(s.num_key_value_heads, s.head_dim) for s in model.args.layers]
+        meta = load_cache(path, cache, shapes, model.dtype)
+        problem = _invalid(meta, cache.offset, model.args.vocab_size)
+        if problem:
+            raise CacheFileError(f"{path} is damaged: {problem}")
+        messages, tokens, pending = meta["messages"], meta["tokens"], meta["pending"]
+        session.cache, session.messages = cache, messages
+        session.tokens, session.pending = tokens, pending
         session.enable_thinking = meta["enable_thinking"]
         return session
 
 
-def fingerprint(model: Model) -> str:
-    """Identifies a model's weights and config cheaply: config, dtype, and a few weight values."""
-    h = hashlib.sha256(json.dumps(model.config.raw, sort_keys=True, default=str).encode())
-    h.update(str(model.dtype).encode())
-    for w in (model.norm.weight, model.self_conditioning.pre_norm.weight, model.layers[0].input_layernorm.weight):
-        h.update(np.array(w.astype(mx.float32)).tobytes())
-    return h.hexdigest()[:32]
+def _invalid(meta: dict, offset: int, vocab: int) -> str | None:
+    """What is wrong with a saved conversation's metadata, or None."""
+    messages, tokens, pending = meta.get("messages"), meta.get("tokens"), meta.get("pending")
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        return "its messages are not a list of {role, content} texts"
+    for name, ids in (("tokens", tokens), ("pending", pending)):
+        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab for i in ids):
+            return f"its {name} are not token ids of this model's vocabulary (0..{vocab - 1})"
+    if len(tokens) != offset + len(pending) or tokens[len(tokens) - len(pending) :] != pending:
+        return "its token list does not match its cache"
+    if not isinstance(meta.get("enable_thinking"), bool):
+        return "enable_thinking is not true or false"
+    return None
+
+
+# ---- the interactive commands ----------------------------------------------------------------------------------
+
+HELP = """commands:
+  /help          this list
+  /reset         start over (the system prompt is kept)
+  /system TEXT   start over with this system prompt (/system alone clears it)
+  /save FILE     save the conversation and its KV cache (/save! FILE replaces a file that is not a saved chat)
+  /load FILE     restore a saved conversation
+  /quit          leave (also Ctrl-D)"""
+
+
+def command(session: ChatSession, line: str, **overrides) -> tuple[ChatSession, str]:
+    """Carry out one /command typed in a chat; returns the session to go on with (a new one after /load) and the
+    line to show. Errors are returned as "error: ..." lines: the session always goes on."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name == "/help":
+        return session, HELP
+    if name == "/reset":
+        first = session.messages[:1]
+        session.reset(first[0]["content"] if first and first[0]["role"] == "system" else None)
+        return session, "(conversation reset)"
+    if name == "/system":
+        session.reset(arg or None)
+        return session, "(new conversation with this system prompt)" if arg else "(system prompt cleared)"
+    if name in ("/save", "/save!", "/load"):
+        if not arg:
+            return session, f"error: {name} needs a file name"
+        path = Path(arg).expanduser()
+        try:
+            if name == "/load":
+                session = ChatSession.load(path, session.model, session.tokenizer, **overrides)
+                return session, f"(loaded {arg}: {len(session.messages)} messages)"
+            session.save(path, force=name == "/save!")
+            return session, f"(saved to {arg})"
+        except (CacheFileError, OutputError) as e:
+            return session, f"error: {e}"
+        except OSError as e:
+            return session, f"error: cannot {'read' if name == '/load' else 'write'} {arg}: {e.strerror or e}"
+    return session, f"error: unknown command {name}; /help lists the commands"
+
+
+if __name__ == "__main__":  # python -m mlx_diffgemma.chat
+    import sys
+
+    from .cli import run
+
+    run(["chat", *sys.argv[1:]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 
@@ -17,7 +17,45 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# The sampler's settings as the command line names them (error messages use these names).
+FLAGS = {
+    "max_denoising_steps": "--steps",
+    "entropy_bound": "--entropy-bound",
+    "t_min": "--t-min",
+    "t_max": "--t-max",
+    "stability_threshold": "--stability",
+    "confidence_threshold": "--confidence",
+    "max_new_tokens": "--max-tokens",
+}
+TRAIN_FLAGS = {
+    "steps": "--steps",
+    "batch_size": "--batch-size",
+    "learning_rate": "--lr",
+    "lora_rank": "--lora-rank",
+    "encoder_weight": "--encoder-weight",
+    "checkpoint_every": "--checkpoint-every",
+    "seed": "--seed",
+}
+# What to use instead of the flags people bring from mlx-lm and other samplers.
+HINTS = {
+    "--temp": "this sampler anneals its temperature from --t-max (first step) to --t-min (last step); set those",
+    "--top-p": "each step samples every position and keeps the lowest-entropy ones: --entropy-bound sets how many",
+    "--top-k": "each step samples every position and keeps the lowest-entropy ones: --entropy-bound sets how many",
+    "--min-p": "each step samples every position and keeps the lowest-entropy ones: --entropy-bound sets how many",
+    "--repetition-penalty": "not used by the diffusion sampler",
+    "--max-kv-size": "the KV cache keeps the whole context (sliding layers keep their window); see -m/--max-tokens",
+    "--prompt-cache-file": "chat keeps its KV cache across turns; /save FILE and /load FILE store it",
+    "--adapter-path": "train folds LoRA into the checkpoint it writes: pass that folder as --model",
+    "--draft-model": "not used: a diffusion model drafts a whole block at once",
+    "--hf-path": "use --model (a folder or a Hugging Face repo id)",
+    "--upload-repo": "upload the converted folder with `hf upload REPO FOLDER`",
+    "--dequantize": "convert from the original Hugging Face weights instead",
+    "--chat-template-config": "--system sets the system prompt, --think the thought channel, --raw skips the template",
+}
+HINTS["--temperature"] = HINTS["--temp"]
 
 
 def _version(value: bool) -> None:
@@ -28,7 +66,7 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -50,14 +88,14 @@ TMin = Annotated[Optional[float], typer.Option("--t-min", help="Temperature at t
 TMax = Annotated[Optional[float], typer.Option("--t-max", help="Temperature at the first step.")]
 Stability = Annotated[Optional[int], typer.Option("--stability", help="Steps the argmax must hold to stop early.")]
 Confidence = Annotated[Optional[float], typer.Option("--confidence", help="Mean entropy under which to stop.")]
-Model_ = Annotated[str, typer.Option("--model", help="Model folder or cached Hugging Face repo id.")]
+Model_ = Annotated[str, typer.Option("--model", help="Model folder, Hugging Face repo id, or 'demo'.")]
 MaxTokens = Annotated[Optional[int], typer.Option("-m", "--max-tokens", help="Most tokens to generate.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed (the same seed repeats a run).")]
-System = Annotated[Optional[str], typer.Option("--system", help="System prompt.")]
+System = Annotated[Optional[str], typer.Option("--system", "--system-prompt", help="System prompt.")]
 Think = Annotated[bool, typer.Option("--think/--no-think", help="Let the model think first (thought channel).")]
 Live = Annotated[Optional[bool], typer.Option("--live/--no-live", help="Live canvas (default: on a terminal).")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: stored).")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected failure.")]
 
 
 def _settings(steps, entropy_bound, t_min, t_max, stability, confidence) -> dict:
@@ -84,15 +122,25 @@ def _check_flags(overrides: dict, max_tokens: int | None) -> None:
     g = GenerationConfig()
     try:
         g = dataclasses.replace(g, **overrides)
-        if "t_min" in overrides and "t_max" not in overrides and g.t_min >= g.t_max:
-            g.t_max = g.t_min + 1  # t_max comes from the checkpoint; checked again after loading
-        if "t_max" in overrides and "t_min" not in overrides and g.t_min >= g.t_max:
-            g.t_min = 0.0
-        g.validate()
+        if "t_min" not in overrides or "t_max" not in overrides:  # the other one comes from the checkpoint
+            g.t_min, g.t_max = (g.t_min, g.t_min + 1) if "t_min" in overrides else (0.0, g.t_max)
+        if max_tokens is not None:
+            g.max_new_tokens = max_tokens
+        g.validate(FLAGS)
     except ConfigError as e:
         _fail(str(e), 2)
-    if max_tokens is not None and max_tokens <= 0:
-        _fail(f"--max-tokens must be a positive integer, got {max_tokens}", 2)
+
+
+def _prompt_text(prompt: str) -> str:
+    """The prompt as given, '-' read from stdin; a usage error when empty or not text."""
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8") if prompt == "-" else prompt
+        text.encode("utf-8")  # a command-line argument that was not UTF-8 holds surrogates
+    except UnicodeError:
+        _fail("the prompt is not UTF-8 text", 2)
+    if not text.strip():
+        _fail("the prompt is empty", 2)
+    return text
 
 
 def _load(model: str, dtype: str | None):
@@ -120,7 +168,18 @@ def _render(events, tok, model, live: bool, as_json: bool, verbose: bool, steps:
         return render_json(events)
     if live:
         return LiveView(tok, steps, model.canvas_length).run(events, verbose=verbose)
-    return render_plain(events, verbose=verbose, final_newline=sys.stdout.isatty())
+    return render_plain(events, verbose=verbose)
+
+
+def _checked_settings(m, overrides: dict):
+    """The checkpoint's sampler settings with the flags' overrides, errors naming the flags."""
+    from .config import ConfigError
+    from .generate import settings
+
+    try:
+        return settings(m, names=FLAGS, **overrides)
+    except ConfigError as e:
+        _fail(str(e), 2)
 
 
 @app.command()
@@ -137,7 +196,9 @@ def generate(
     seed: Seed = None,
     system: System = None,
     think: Think = False,
-    raw: Annotated[bool, typer.Option("--raw", help="No chat template: the prompt is the text as it is.")] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", "--ignore-chat-template", help="No chat template: the prompt is the text as it is.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Print the run's statistics at the end.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event, for pipelines.")] = False,
     live: Live = None,
@@ -145,24 +206,19 @@ def generate(
     debug: Debug = False,
 ) -> None:
     """Generate text by block diffusion; on a terminal, watch each block's canvas settle."""
-    from .config import ConfigError
-    from .generate import ContextError, stream_generate
+    from .generate import PromptError, stream_generate
 
     overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
     _check_flags(overrides, max_tokens)
-    text = sys.stdin.read() if prompt == "-" else prompt
-    if not text.strip():
-        _fail("the prompt is empty", 2)
+    text = _prompt_text(prompt)
     m, tok = _load(model, dtype)
+    g = _checked_settings(m, overrides)
     try:
         events = stream_generate(
             m, tok, text, max_tokens=max_tokens, system=system, enable_thinking=think, raw=raw, seed=seed, **overrides
         )
-        n_steps = overrides.get("max_denoising_steps", m.generation_config.max_denoising_steps)
-        _render(events, tok, m, _use_live(live, as_json), as_json, verbose, n_steps)
-    except ConfigError as e:
-        _fail(str(e), 2)
-    except ContextError as e:
+        _render(events, tok, m, _use_live(live, as_json), as_json, verbose, g.max_denoising_steps)
+    except PromptError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         sys.stdout.flush()
@@ -186,28 +242,26 @@ def chat(
     dtype: Dtype = None,
     debug: Debug = False,
 ) -> None:
-    """Multi-turn chat that keeps the KV cache across turns. Commands: /reset, /system TEXT, /save FILE,
+    """Multi-turn chat that keeps the KV cache across turns. Commands: /help, /reset, /system TEXT, /save FILE,
     /load FILE, /quit."""
-    from .cache import CacheFileError
-    from .chat import ChatSession
-    from .config import ConfigError
-    from .generate import ContextError
+    from . import chat as chatting
 
     overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
     _check_flags(overrides, max_tokens)
     m, tok = _load(model, dtype)
-    try:
-        session = ChatSession(m, tok, system=system, enable_thinking=think, **overrides)
-    except ConfigError as e:
-        _fail(str(e), 2)
+    _checked_settings(m, overrides)
+    session = chatting.ChatSession(m, tok, system=system, enable_thinking=think, **overrides)
     tty = sys.stdin.isatty()
     use_live = _use_live(live, False)
-    n_steps = session.settings.max_denoising_steps
     turn = 0
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is reported and skipped, the session goes on
+        sys.stdin.reconfigure(errors="surrogateescape")
 
     def say(msg: str) -> None:
         typer.echo(msg, err=True)
 
+    if tty:
+        say(f"chatting with {model} · /help lists the commands · Ctrl-D or /quit leaves")
     while True:
         try:
             line = input("> " if tty else "")
@@ -218,45 +272,24 @@ def chat(
         line = line.strip()
         if not line:
             continue
-        command, _, arg = line.partition(" ")
-        if command in ("/quit", "/exit"):
+        try:
+            line.encode("utf-8")
+        except UnicodeError:
+            say("error: that line is not UTF-8 text; it was skipped")
+            continue
+        if line in ("/quit", "/exit"):
             return
-        if command == "/reset":
-            session.reset(
-                session.messages[0]["content"]
-                if session.messages[:1] and session.messages[0]["role"] == "system"
-                else None
-            )
-            say("(conversation reset)")
-            continue
-        if command == "/system":
-            session.reset(arg.strip() or None)
-            say("(new conversation with this system prompt)" if arg.strip() else "(system prompt cleared)")
-            continue
-        if command in ("/save", "/load"):
-            if not arg.strip():
-                say(f"error: {command} needs a file name")
-                continue
-            try:
-                if command == "/save":
-                    session.save(Path(arg.strip()).expanduser())
-                    say(f"(saved to {arg.strip()})")
-                else:
-                    session = ChatSession.load(Path(arg.strip()).expanduser(), m, tok, **overrides)
-                    say(f"(loaded {arg.strip()}: {len(session.messages)} messages)")
-            except (CacheFileError, OSError) as e:
-                say(f"error: {e}")
-            continue
-        if command.startswith("/"):
-            say(f"error: unknown command {command}; try /reset, /system TEXT, /save FILE, /load FILE, /quit")
+        if line.startswith("/"):
+            session, message = chatting.command(session, line, **overrides)
+            say(message)
             continue
         events = session.send(line, max_tokens=max_tokens, seed=None if seed is None else seed + turn)
         turn += 1
         try:
-            _render(events, tok, m, use_live, False, False, n_steps)
-            if not use_live:
-                typer.echo("")
-        except ContextError as e:
+            done = _render(events, tok, m, use_live, False, False, session.settings.max_denoising_steps)
+            if done is not None and not done.text and not use_live:
+                typer.echo("")  # one line per turn, even an empty answer
+        except ValueError as e:  # PromptError and the like: this turn is dropped, the conversation goes on
             say(f"error: {e}")
         except KeyboardInterrupt:
             events.close()
@@ -277,12 +310,16 @@ def train_cmd(
     reweight: Annotated[bool, typer.Option("--reweight", help="Weight the canvas loss by 1/t.")] = False,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 100,
     seed: Annotated[int, typer.Option("--seed", help="Seed for batches and noise.")] = 0,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace what --out holds (even a checkpoint: start over).")
+    ] = False,
     dtype: Dtype = None,
     debug: Debug = False,
 ) -> None:
     """Fine-tune with the block-diffusion objective (full or LoRA); checkpoints load like any model folder."""
     from . import train as training
-    from .loading import resolve_path
+    from .files import OutputError, recover
+    from .loading import LoadError, resolve_path
 
     cfg = training.TrainConfig(
         steps=steps,
@@ -296,32 +333,44 @@ def train_cmd(
         seed=seed,
     )
     try:
-        cfg.validate()
+        cfg.validate(TRAIN_FLAGS)
     except ValueError as e:
         _fail(str(e), 2)
+    try:  # before loading anything: an --out that must not be written, or a checkpoint this run cannot resume
+        folder = resolve_path(model)
+        recover(out.expanduser().parent)
+        training.check_out(out, [folder, data], force)
+        if not force:
+            training.resume_state(out.expanduser(), cfg)
+    except (LoadError, OutputError, ValueError) as e:
+        _fail(str(e))
     m, tok = _load(model, dtype)
     eos = (m.generation_config.eos_token_id or [1])[0]
     try:
         examples = training.load_jsonl(data, tok, eos)
+        training.check_examples(examples, m.args.vocab_size)
     except OSError as e:
         _fail(f"cannot read {data}: {e.strerror}")
     except ValueError as e:
         _fail(str(e))
-    typer.echo(
-        f"{len(examples)} examples; training {'LoRA rank ' + str(lora_rank) if lora_rank else 'all weights'}", err=True
-    )
+    n = len(examples)
+    what = f"LoRA rank {lora_rank}" if lora_rank else "all weights"
+    typer.echo(f"{n} example{'s' if n != 1 else ''}; training {what}", err=True)
     try:
         training.train(
             m,
             examples,
             out,
-            resolve_path(model),
+            folder,
             cfg,
             eos_id=eos,
             pad_id=m.generation_config.pad_token_id or 0,
             progress=sys.stderr.isatty(),
             log=lambda s: typer.echo(s, err=True),
+            force=force,
         )
+    except (ValueError, OSError) as e:  # a checkpoint that cannot be resumed, a loss gone NaN, a disk full
+        _fail(str(e) if isinstance(e, ValueError) else f"cannot write {out}: {e.strerror or e}")
     except KeyboardInterrupt:
         typer.echo(f"interrupted; the last checkpoint in {out} resumes the run", err=True)
         raise typer.Exit(130) from None
@@ -334,6 +383,7 @@ def parity(
         Optional[Path], typer.Option(help="Keep the tiny checkpoints in this folder (default: a temporary one).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for the checkpoints and inputs.")] = 0,
+    debug: Debug = False,
 ) -> None:
     """Build tiny random checkpoints with transformers and print MLX-vs-transformers logit parity tables."""
     try:
@@ -347,7 +397,7 @@ def parity(
 
 @app.command()
 def convert(
-    hf_path: Annotated[str, typer.Option("--hf-path", help="Hugging Face folder or cached repo id.")],
+    hf_path: Annotated[str, typer.Option("--hf-path", help="Hugging Face folder or repo id (downloaded if needed).")],
     mlx_path: Annotated[Optional[Path], typer.Option("--mlx-path", help="Output folder.")] = None,
     quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize (default 4-bit affine).")] = False,
     q_bits: Annotated[Optional[int], typer.Option("--q-bits", help="Bits per weight (affine).")] = None,
@@ -359,6 +409,7 @@ def convert(
     report: Annotated[
         bool, typer.Option("--report", help="Print the size of every recipe for this model and exit.")
     ] = False,
+    debug: Debug = False,
 ) -> None:
     """Convert Hugging Face DiffusionGemma weights to an MLX folder, optionally quantized."""
     from mlx_diffgemma.convert import RECIPES, ConvertError, RecipeError, resolve
@@ -411,13 +462,22 @@ def _size_report(hf_path: str, dtype: str | None, recipes) -> str:
 
 
 @app.command()
-def info(path: Annotated[str, typer.Argument(help="Model folder or cached Hugging Face repo id.")]) -> None:
+def info(
+    path: Annotated[
+        Optional[str], typer.Argument(help="Model folder or repo id (or use --model).", show_default=False)
+    ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model folder, repo id, or 'demo'.")] = None,
+    debug: Debug = False,
+) -> None:
     """Architecture and generation defaults of a checkpoint."""
     from .config import ConfigError, GenerationConfig, ModelConfig
     from .loading import LoadError, resolve_path
+    from .memory import fmt
 
+    if (path is None) == (model is None):
+        _fail("give the model as --model PATH (or as the one argument)", 2)
     try:
-        folder = resolve_path(path)
+        folder = resolve_path(model or path, weights=False)
         cfg = ModelConfig.from_file(folder / "config.json")
         gen = GenerationConfig.from_file(folder / "generation_config.json", cfg.text_config)
     except (LoadError, ConfigError) as e:
@@ -436,13 +496,14 @@ def info(path: Annotated[str, typer.Argument(help="Model folder or cached Huggin
     if full:
         f = t.layers[full[0]]
         rows.append(("full attn", f"{heads} q heads, {f.num_key_value_heads} kv heads x {f.head_dim} (K = V)"))
+    on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors") if f.is_file())
     rows += [
         (
             "feed-forward",
             f"dense {t.intermediate_size} + {t.num_experts} experts x {t.moe_intermediate_size}, top-{t.top_k_experts}",
         ),
         ("quantization", _quantization_summary(cfg.quantization)),
-        ("weights", f"{sum(f.stat().st_size for f in folder.glob('*.safetensors')) / 1e9:.2f} GB on disk"),
+        ("weights", f"{fmt(on_disk)} on disk" if on_disk else "none on disk (config only)"),
         (
             "generation",
             f"steps {gen.max_denoising_steps}, entropy bound {gen.entropy_bound}, t {gen.t_min}..{gen.t_max}, "
@@ -465,19 +526,22 @@ def _quantization_summary(q: dict | None) -> str:
     )
 
 
-def run() -> None:
+def run(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors (exit 2 for usage, 1 for the rest), never a traceback unless
-    --debug is given."""
-    debug = "--debug" in sys.argv
+    --debug is given. `argv` defaults to the command line."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
     try:
-        code = app(standalone_mode=False)
+        code = app(args=args, prog_name="mlx_diffgemma", standalone_mode=False)
     except KeyboardInterrupt:
         code = 130
     except Exception as e:
         if type(e).__name__ == "Abort":  # Typer's click raises its own Abort on Ctrl-C at a prompt
             code = 130
         elif hasattr(e, "format_message") and getattr(e, "exit_code", None) == 2:  # a usage error (bad flag)
-            typer.echo(f"error: {e.format_message()}", err=True)
+            name = getattr(e, "option_name", None) or ""
+            message = f"no such option {name}: {HINTS[name]}" if name in HINTS else e.format_message()
+            typer.echo(f"error: {message}", err=True)
             code = 2
         elif debug:
             raise

@@ -11,6 +11,7 @@ self-conditioning logits of the second.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache import context_source
-from .config import FULL, SLIDING
+from .config import FULL, SLIDING, ConfigError, require_float, require_int
 from .generate import render_prompt
-from .model import Model, attention_masks
+from .model import Model, attention_masks, fingerprint
 
 
 @dataclass
@@ -175,14 +176,29 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
 
-    def validate(self) -> None:
+    def validate(self, names: dict[str, str] | None = None) -> None:
+        """Raise a ValueError (ConfigError) for a setting training cannot use; `names` shows settings under other
+        names (the command line's flags)."""
+        n = (names or {}).get
         for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.lora_rank is not None and self.lora_rank <= 0:
-            raise ValueError(f"lora_rank must be positive, got {self.lora_rank}")
+            require_int(n(name, name), getattr(self, name), 1)
+        require_int(n("warmup", "warmup"), self.warmup, 0)
+        require_int(n("seed", "seed"), self.seed, 0)
+        require_float(n("learning_rate", "learning_rate"), self.learning_rate, positive=True)
+        for name in ("weight_decay", "encoder_weight", "self_conditioning_prob"):
+            require_float(n(name, name), getattr(self, name))
+        require_float(n("lora_scale", "lora_scale"), self.lora_scale, positive=True)
+        require_float(n("eps", "eps"), self.eps, positive=True)
+        if self.grad_clip is not None:
+            require_float(n("grad_clip", "grad_clip"), self.grad_clip, positive=True)
+        if self.lora_rank is not None:
+            require_int(n("lora_rank", "lora_rank"), self.lora_rank, 1)
+        if self.self_conditioning_prob > 1 or self.eps >= 1:
+            raise ConfigError("self_conditioning_prob must be at most 1 and eps below 1")
+
+
+# Settings a checkpoint's run must share with the run that resumes it: they decide what trains and how.
+STRUCTURAL = ("lora_rank", "lora_scale", "train_router")
 
 
 TRAINER = "trainer"  # the checkpoint subfolder holding what resuming needs
@@ -246,35 +262,102 @@ def encode_example(tokenizer, prompt: str | list[dict], answer: str, end: int) -
 def load_jsonl(path: str | Path, tokenizer, eos_id: int) -> list[tuple[list[int], list[int]]]:
     """Chat-formatted JSONL: one {"messages": [..., {"role": "assistant", "content": ...}]} (or {"prompt": ...,
     "completion": ...}) per line. The prompt is the chat template's render of the messages before the last, with
-    the generation prompt, exactly as at inference; the response is the answer followed by the end of turn."""
+    the generation prompt, exactly as at inference; the response is the answer followed by the end of turn.
+    A line that is not such an example is a ValueError naming the file, the line and what is wrong."""
     import json
 
     end = end_of_turn(tokenizer, eos_id)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                row = json.loads(line)
-                messages = (
-                    row["messages"]
-                    if "messages" in row
-                    else [
-                        {"role": "user", "content": row["prompt"]},
-                        {"role": "assistant", "content": row["completion"]},
-                    ]
-                )
-                *history, answer = messages
-                if answer["role"] != "assistant" or not history:
-                    raise ValueError("the last message must be the assistant's, after at least one other")
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                *history, answer = _messages(json.loads(line))
                 pair = encode_example(tokenizer, history, answer["content"], end)
-            except (ValueError, KeyError, TypeError) as e:
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n}: not UTF-8 text") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except (ValueError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
             out.append(pair)
     if not out:
         raise ValueError(f"{path} holds no examples")
     return out
+
+
+def _messages(row) -> list[dict]:
+    """One JSONL example as chat messages, checked."""
+    if isinstance(row, dict) and "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ValueError('"messages" must be a list of {"role": "...", "content": "..."} objects')
+    elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    else:
+        raise ValueError('expected {"messages": [...]} or {"prompt": "...", "completion": "..."}')
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's, after at least one other")
+    return messages
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a folder that `train` wrote (it holds the trainer's state)."""
+    return (Path(path) / TRAINER / "state.json").is_file()
+
+
+def check_out(out_dir: str | Path, protect: list[Path], force: bool) -> None:
+    """Refuse an --out that would destroy what is not a checkpoint of this tool's (a folder of other files, a
+    plain file) unless `force`, and always one that holds the model or the data being trained on. An empty or
+    missing folder, or a checkpoint (resumed), is fine."""
+    from .files import check_output
+
+    check_output(
+        Path(out_dir),
+        force=force,
+        ours=is_checkpoint,
+        protect=protect,
+        what="--out",
+        not_ours=" and holds no checkpoint",
+    )
+
+
+def resume_state(out_dir: Path, cfg: TrainConfig, base: str | None = None, log=None) -> dict | None:
+    """The trainer state of the checkpoint in `out_dir` when this run can resume it (None when there is none); a
+    ValueError when the run differs in what trains (LoRA or not, its rank and scale, the router) or, given the
+    base model's `fingerprint`, in the model it started from. `log` hears of the settings that changed."""
+    import json
+
+    if not is_checkpoint(out_dir):
+        return None
+    try:
+        state = json.loads((Path(out_dir) / TRAINER / "state.json").read_text())
+        saved, step = state["config"], state["step"]
+        if not isinstance(saved, dict) or type(step) is not int or step < 0:
+            raise ValueError("bad config or step")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{out_dir} holds a damaged checkpoint ({e}); pass --force to start over") from None
+    for key in STRUCTURAL:
+        if saved.get(key) != getattr(cfg, key):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"{out_dir} holds a run with {key} {saved.get(key)}, this one has {getattr(cfg, key)}; resume with the "
+                f"same {flag}, or pass --force to start over"
+            )
+    if base is not None and state.get("base") not in (None, base):
+        raise ValueError(
+            f"{out_dir} holds a run that started from another model (or dtype); resume with its --model, or pass "
+            "--force to start over"
+        )
+    changed = [k for k, v in dataclasses.asdict(cfg).items() if k in saved and saved[k] != v]
+    if changed and log is not None:
+        log("note: resuming with other " + ", ".join(f"{k} ({saved[k]} -> {getattr(cfg, k)})" for k in changed))
+    return state
 
 
 def train(
@@ -288,16 +371,27 @@ def train(
     progress: bool = False,
     log=print,
     stop_after: int | None = None,
+    force: bool = False,
 ) -> Model:
     """Train `model` on (prompt ids, response ids) pairs, checkpointing every `checkpoint_every` steps into
     `out_dir` in the folder layout `load` reads (plus the trainer's state). A run whose out_dir holds a
     checkpoint resumes from it, with the same batches the uninterrupted run would have drawn. `model_dir` is the
-    folder whose tokenizer and configs are copied into checkpoints. `stop_after` ends the run early (tests)."""
+    folder whose tokenizer and configs are copied into checkpoints. `stop_after` ends the run early (tests).
+    `out_dir` must be missing, empty or a checkpoint (see `check_out`); `force` replaces whatever it holds and
+    starts over."""
     import mlx.nn as nn
     import mlx.optimizers as optim
 
+    from .files import recover
+
     cfg.validate()
     out_dir = Path(out_dir)
+    for line in recover(out_dir.parent):  # a run killed mid-checkpoint: its checkpoint back in place
+        log(line)
+    check_out(out_dir, [Path(model_dir)] if model_dir is not None else [], force)
+    check_examples(examples, model.args.vocab_size)
+    base = fingerprint(model)
+    state = None if force else resume_state(out_dir, cfg, base, log)
     prepare(model, cfg)
     schedule = optim.join_schedules(
         [
@@ -309,11 +403,7 @@ def train(
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     start, losses = 0, []  # losses: [step, total, canvas, encoder] per step, kept in the checkpoint
-    state_file = out_dir / TRAINER / "state.json"
-    if state_file.exists():
-        import json
-
-        state = json.loads(state_file.read_text())
+    if state is not None:
         model.update(tree_unflatten(list(mx.load(str(out_dir / TRAINER / "trainable.safetensors")).items())))
         optimizer.init(model.trainable_parameters())
         optimizer.state = tree_unflatten(list(mx.load(str(out_dir / TRAINER / "optimizer.safetensors")).items()))
@@ -349,6 +439,11 @@ def train(
             grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, value)
+        if not math.isfinite(float(value)):  # never checkpoint NaN weights over good ones
+            raise ValueError(
+                f"the loss is {float(value)} at step {step + 1}; stopped without writing it (the last checkpoint in "
+                f"{out_dir} is kept); try a lower --lr"
+            )
         tokens += int(batch.lengths.sum())
         losses.append([step + 1, float(value), float(parts["canvas"]), float(parts["encoder"])])
         tps = tokens / (time.perf_counter() - tic)
@@ -360,7 +455,7 @@ def train(
                 f"encoder {float(parts['encoder']):.4f}) {tps:.0f} tok/s"
             )
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _checkpoint(model, optimizer, rng, step + 1, cfg, out_dir, model_dir, losses)
+            _checkpoint(model, optimizer, rng, step + 1, cfg, out_dir, model_dir, losses, base, log)
         if stop_after is not None and step + 1 >= stop_after:
             break
     if bar:
@@ -384,9 +479,21 @@ def length_batches(
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
-def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, losses) -> None:
+def check_examples(examples: list[tuple[list[int], list[int]]], vocab: int) -> None:
+    """Every example non-empty, every id inside the model's vocabulary (a ValueError naming the first that is not)."""
+    for n, (prompt, response) in enumerate(examples, 1):
+        if not prompt or not response:
+            raise ValueError(f"example {n} has an empty prompt or response")
+        bad = next((i for i in (*prompt, *response) if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(
+                f"example {n} holds token id {bad}, outside the model's vocabulary (0..{vocab - 1}); the tokenizer "
+                "does not belong to this model"
+            )
+
+
+def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, losses, base, log) -> None:
     """Write a loadable model folder, with the trainer's state in its `trainer/` subfolder, atomically."""
-    import dataclasses
     import json
 
     from .files import copy_metadata, replace_dir, staging_dir
@@ -394,7 +501,7 @@ def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, loss
     tmp = staging_dir(out_dir)
     try:
         if model_dir is not None:
-            copy_metadata(Path(model_dir), tmp)
+            copy_metadata(Path(model_dir), tmp, log)
         (tmp / "config.json").write_text(json.dumps(model.config.raw, indent=2))
         weights = merged_weights(model)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -406,7 +513,13 @@ def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, loss
         mx.save_safetensors(str(tmp / TRAINER / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (tmp / TRAINER / "state.json").write_text(
             json.dumps(
-                {"step": step, "rng": rng.bit_generator.state, "config": dataclasses.asdict(cfg), "losses": losses},
+                {
+                    "step": step,
+                    "rng": rng.bit_generator.state,
+                    "config": dataclasses.asdict(cfg),
+                    "base": base,
+                    "losses": losses,
+                },
                 indent=2,
             )
         )

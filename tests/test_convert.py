@@ -127,7 +127,7 @@ def test_real_config_sizes():
     r = runner.invoke(
         app, ["convert", "--hf-path", str(REPO / "benchmarks/configs/diffusiongemma-26b-a4b"), "--report"]
     )
-    assert r.exit_code == 0 and f"| q4 | {sizes['q4']:.2f} |" in r.output
+    assert r.exit_code == 0 and f"| q4 | {sizes['q4']:.2f} GB |" in r.output
 
 
 def test_sharded_output(checkpoint, tmp_path):

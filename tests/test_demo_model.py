@@ -68,4 +68,4 @@ def test_generate_command_runs_the_demo_by_name():
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "def area(x, u):\n    return x * u"  # in a pipe: the committed text, nothing else
+    assert r.stdout == "def area(x, u):\n    return x * u\n"  # in a pipe: the committed text and a newline

@@ -149,7 +149,7 @@ def test_train_command(chat_checkpoint, tmp_path):
 
     assert isinstance(generate(model, tok, "Echo 3", max_tokens=16, seed=0), str)  # the adapted model generates
     bad = subprocess.run(run[:-2] + ["--checkpoint-every", "0"], capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: checkpoint_every must be positive, got 0"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --checkpoint-every must be an integer >= 1, got 0"
     data.write_text("not json\n")
     bad = subprocess.run(run, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and bad.stderr.strip().startswith(f"error: {data}:1:")

@@ -19,8 +19,9 @@ from mlx.utils import tree_flatten
 
 from mlx_diffgemma import __version__
 from mlx_diffgemma.config import ConfigError, ModelConfig
-from mlx_diffgemma.files import copy_metadata, replace_dir, staging_dir
+from mlx_diffgemma.files import OutputError, check_output, copy_metadata, replace_dir, staging_dir
 from mlx_diffgemma.loading import DTYPES, LoadError, resolve_path, shape_mismatches, weight_files
+from mlx_diffgemma.memory import fmt
 from mlx_diffgemma.model import Model
 
 from .plan import Item, Plan, make_plan
@@ -62,6 +63,10 @@ class Source:
             code = self.tensors[name].dtype
             counts[code] = counts.get(code, 0) + math.prod(shape)
         return ST_DTYPES[max(counts, key=counts.get)][1]
+
+    def files(self) -> list[Path]:
+        """Every file of the source folder (weights, configs, tokenizer)."""
+        return [f for f in self.path.iterdir() if f.is_file()]
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -108,15 +113,14 @@ def plan_for_config(config: ModelConfig, recipe: Recipe, dtype=mx.bfloat16) -> P
 def size_report(plans: list[Plan]) -> str:
     """A Markdown table: payload per recipe in GB (10^9 bytes), text model and vision tower apart."""
     rows = [
-        "| recipe | text weights (GB) | bits per weight | vision tower (GB) | what it does |",
+        "| recipe | text weights | bits per weight | vision tower | what it does |",
         "|---|---|---|---|---|",
     ]
     for p in plans:
         text = p.payload(vision=False)
-        vision = f"{p.payload(vision=True) / 1e9:.3f}" if any(i.vision for i in p.items) else "n/a (no weights)"
+        vision = fmt(p.payload(vision=True)) if any(i.vision for i in p.items) else "n/a (no weights)"
         rows.append(
-            f"| {p.recipe.name} | {text / 1e9:.2f} | {8 * text / p.parameters():.2f} | {vision} | "
-            f"{p.recipe.description} |"
+            f"| {p.recipe.name} | {fmt(text)} | {8 * text / p.parameters():.2f} | {vision} | {p.description()} |"
         )
     return "\n".join(rows)
 
@@ -135,8 +139,10 @@ def convert(
     recipe = recipe or RECIPES["bf16"]
     source = inspect_source(hf_path)
     dst = Path(mlx_path).expanduser()
-    if dst.exists() and not force:
-        raise ConvertError(f"{dst} exists; pass --force to replace it")
+    try:  # never a destination holding the source (its folder, a shard, a cached blob), even with force
+        check_output(dst, force=force, ours=lambda p: False, protect=[source.path, *source.files()], what="--mlx-path")
+    except OutputError as e:
+        raise ConvertError(str(e)) from None
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype] if dtype else source.float_dtype()
@@ -147,7 +153,7 @@ def convert(
     tmp = staging_dir(dst)
     try:
         _write_weights(source, plan, tmp, progress)
-        _write_metadata(source, plan, tmp, target, hf_path, dst.name)
+        _write_metadata(source, plan, tmp, target, hf_path, dst.name, log)
         replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -203,8 +209,8 @@ def _write_item(info: TensorInfo, item: Item, f: PlannedFile) -> None:
             f.write(e.name, start * per_lead * per_row[e.name], to_bytes(part))
 
 
-def _write_metadata(source: Source, plan: Plan, out: Path, dtype, hf_path, title: str) -> None:
-    copy_metadata(source.path, out)
+def _write_metadata(source: Source, plan: Plan, out: Path, dtype, hf_path, title: str, log) -> None:
+    copy_metadata(source.path, out, log)
     config = dict(source.config.raw)
     config.pop("quantization", None)
     config.pop("quantization_config", None)
@@ -219,8 +225,8 @@ def _write_metadata(source: Source, plan: Plan, out: Path, dtype, hf_path, title
     (out / "README.md").write_text(
         f"---\nlibrary_name: mlx\ntags:\n- mlx\n- diffusion_gemma\n---\n\n# {title}\n\n"
         f"DiffusionGemma converted with mlx-diffgemma {__version__} on {time.strftime('%Y-%m-%d')}.\n\n"
-        f"- source: `{hf_path}`\n- recipe: `{plan.recipe.name}` ({plan.recipe.description})\n"
-        f"- dtype: {dtype_name}\n- text weights: {text / 1e9:.3f} GB; vision tower: {vision / 1e9:.3f} GB\n\n"
+        f"- source: `{hf_path}`\n- recipe: `{plan.recipe.name}` ({plan.description()})\n"
+        f"- dtype: {dtype_name}\n- text weights: {fmt(text)}; vision tower: {fmt(vision)}\n\n"
         '```python\nimport mlx_diffgemma\n\nmodel, tokenizer = mlx_diffgemma.load("PATH")\n'
         'print(mlx_diffgemma.generate(model, tokenizer, "Why is the sky blue?"))\n```\n'
     )

@@ -56,6 +56,30 @@ class Plan:
     def parameters(self, vision: bool = False) -> int:
         return sum(math.prod(i.shape) for i in self.items if i.vision == vision)
 
+    def description(self) -> str:
+        """What the plan does, from the settings it chose for each kind of tensor: a width that the recipe's group
+        size does not divide gets a smaller group, and the description says so (`-q` on a model 96 wide is group
+        32, not 64): "affine 4-bit group 64: experts, attention, mlp; affine 8-bit group 64: embedding"."""
+        if self.recipe.default is None:
+            return self.recipe.description
+        cats = ("experts", "attention", "mlp", "embedding")
+        counts: dict[str, dict[str, int]] = {}  # setting -> {category: tensors}
+        totals = dict.fromkeys(cats, 0)
+        for item in self.items:
+            cat = category(item.name)
+            if item.vision or cat not in cats:
+                continue
+            s = item.spec
+            setting = "unquantized" if s is None else f"{s.mode} {s.bits}-bit group {s.group_size}"
+            counts.setdefault(setting, dict.fromkeys(cats, 0))[cat] += 1
+            totals[cat] += 1
+        return "; ".join(
+            setting
+            + ": "
+            + ", ".join(c if n == totals[c] else f"{c} ({n} of {totals[c]})" for c, n in per_cat.items() if n)
+            for setting, per_cat in counts.items()
+        )
+
     def shard_names(self) -> list[str]:
         n = len(self.shards)
         return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
