@@ -113,12 +113,14 @@ def _settings(steps, entropy_bound, t_min, t_max, stability, confidence) -> dict
     }
 
 
-def _check_flags(overrides: dict, max_tokens: int | None) -> None:
+def _check_flags(overrides: dict, max_tokens: int | None, seed: int | None = None) -> None:
     """Flag values that are wrong whatever the checkpoint says: a usage error before loading anything."""
     import dataclasses
 
     from .config import ConfigError, GenerationConfig
 
+    if seed is not None and seed < 0:
+        _fail(f"--seed must be an integer >= 0, got {seed}", 2)
     g = GenerationConfig()
     try:
         g = dataclasses.replace(g, **overrides)
@@ -206,10 +208,10 @@ def generate(
     debug: Debug = False,
 ) -> None:
     """Generate text by block diffusion; on a terminal, watch each block's canvas settle."""
-    from .generate import PromptError, stream_generate
+    from .generate import stream_generate
 
     overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
-    _check_flags(overrides, max_tokens)
+    _check_flags(overrides, max_tokens, seed)
     text = _prompt_text(prompt)
     m, tok = _load(model, dtype)
     g = _checked_settings(m, overrides)
@@ -218,7 +220,7 @@ def generate(
             m, tok, text, max_tokens=max_tokens, system=system, enable_thinking=think, raw=raw, seed=seed, **overrides
         )
         _render(events, tok, m, _use_live(live, as_json), as_json, verbose, g.max_denoising_steps)
-    except PromptError as e:
+    except ValueError as e:  # PromptError (ids, context, memory), a tokenizer without a chat template, ...
         _fail(str(e))
     except KeyboardInterrupt:
         sys.stdout.flush()
@@ -247,7 +249,7 @@ def chat(
     from . import chat as chatting
 
     overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
-    _check_flags(overrides, max_tokens)
+    _check_flags(overrides, max_tokens, seed)
     m, tok = _load(model, dtype)
     _checked_settings(m, overrides)
     session = chatting.ChatSession(m, tok, system=system, enable_thinking=think, **overrides)
@@ -546,7 +548,8 @@ def run(argv: list[str] | None = None) -> None:
         elif debug:
             raise
         else:  # a bug or an unforeseen failure: say what it was in one line
-            typer.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+            what = " ".join(str(e).split())[:300]
+            typer.echo(f"error: {type(e).__name__}: {what} (run with --debug for the traceback)", err=True)
             code = 1
     sys.exit(code or 0)
 

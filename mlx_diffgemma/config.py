@@ -223,7 +223,7 @@ class ModelConfig:
             raise ConfigError(f"model_type is {mt!r}, expected {MODEL_TYPE!r} (a DiffusionGemma checkpoint)")
         if not isinstance(d.get("text_config"), dict):
             raise ConfigError("config.json has no text_config")
-        canvas = d.get("canvas_length") or 256
+        canvas = 256 if d.get("canvas_length") is None else d["canvas_length"]
         if type(canvas) is not int or canvas <= 0:
             raise ConfigError(f"canvas_length must be a positive integer, got {canvas!r}")
         return cls(

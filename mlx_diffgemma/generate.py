@@ -270,6 +270,8 @@ def stream_generate(
     max_tokens = g.max_new_tokens if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    if seed is not None and (type(seed) is not int or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     ids = render_prompt(tokenizer, prompt, system, enable_thinking, raw)
     yield from _stream(model, tokenizer, ids, g, max_tokens, cache or model.make_cache(), seed)
 
@@ -301,12 +303,14 @@ PREFILL_STEP = 512  # prompt tokens encoded per pass (mlx-lm's prefill step size
 
 
 def prefill(model: Model, ids: mx.array, cache: PromptCache, step: int = PREFILL_STEP) -> None:
-    """Encode ids (B, L) into `cache` `step` tokens at a time, evaluating each piece: memory holds one piece's
-    attention over the cache, so it grows linearly with the prompt instead of with its square. Same result as
-    one `model.encode` (the sliding layers' masks join the cached window to each piece)."""
+    """Encode ids (B, L) into `cache` `step` tokens at a time, evaluating the cache between pieces: memory holds
+    one piece's attention over the cache, so it grows linearly with the prompt instead of with its square. Same
+    result as one `model.encode` (the sliding layers' masks join the cached window to each piece). The last piece
+    is left unevaluated, as `encode` leaves it (a committed block is evaluated with the next denoising step)."""
     for start in range(0, ids.shape[1], step):
+        if start:
+            cache.materialize()
         model.encode(ids[:, start : start + step], cache)
-        cache.materialize()
 
 
 def memory_estimate(model: Model, positions: int, batch: int = 1) -> memory.Estimate:
@@ -349,6 +353,7 @@ def _stream(model, tokenizer, ids, g, max_tokens, cache, seed, in_thought=None) 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prefill(model, mx.array([ids]), cache)
+    cache.materialize()
     prompt_time = time.perf_counter() - tic
     tic = time.perf_counter()
     texts, thoughts, n_tokens, generated, steps = [], [], 0, 0, 0

@@ -72,8 +72,9 @@ def estimate(
 
 def available() -> int | None:
     """Bytes this process can still allocate for arrays: on a Mac with Metal, the GPU's recommended working set
-    less what MLX already holds; elsewhere, the memory the OS reports available (Linux MemAvailable, else
-    physical memory less MLX's). None when the machine does not say."""
+    less what MLX's arrays hold; elsewhere, the memory the OS reports available (Linux MemAvailable, else
+    physical memory less MLX's arrays) plus MLX's cache of freed buffers, which it reuses. None when the machine
+    does not say."""
     override = os.environ.get("MLX_DIFFGEMMA_MEMORY_GB")  # a cap of the user's own (shared machines)
     if override:
         try:
@@ -88,7 +89,7 @@ def available() -> int | None:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 + mx.get_cache_memory()
     except OSError:
         pass
     try:

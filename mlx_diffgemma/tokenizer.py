@@ -274,8 +274,13 @@ def load_transformers(folder: str | Path):
     """transformers' tokenizer, wrapped by mlx-lm for its detokenizer, with remote code off: a folder's
     `auto_map` never runs its Python."""
     from mlx_lm.tokenizer_utils import load as load_mlx_lm_tokenizer
+    from transformers.utils import logging
 
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # its warnings about a broken folder would add lines to our one-line error
     try:
         return load_mlx_lm_tokenizer(Path(folder), tokenizer_config_extra={"trust_remote_code": False})
     except Exception as e:  # transformers raises many types for a broken tokenizer folder
         raise TokenizerError(f"cannot load the tokenizer in {folder}: {' '.join(str(e).split())[:200]}") from None
+    finally:
+        logging.set_verbosity(level)

@@ -307,6 +307,7 @@ def test_links_to_outside_files_are_not_copied(tmp_path, data):
         ["--confidence", "-inf"],
         ["--confidence", "0"],
         ["--steps", "0"],
+        ["--seed", "-1"],
     ],
 )
 def test_generate_refuses_nan_and_names_the_flag(flags):
@@ -343,6 +344,15 @@ def test_bad_config_values_are_one_line(tmp_path, change):
     for args in (["generate", "--model", model, "-p", "hi"], ["info", "--model", model]):
         line = one_line_error(cli(*args), 1)
         assert key in line and "ValueError" not in line
+
+
+@pytest.mark.parametrize("canvas", [0, -16, "16", 2.5])
+def test_bad_canvas_length_is_one_line(tmp_path, canvas):
+    model = tmp_path / "m"
+    shutil.copytree(DEMO, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "canvas_length": canvas}))
+    assert "canvas_length" in one_line_error(cli("generate", "--model", model, "-p", "hi"), 1)
 
 
 @pytest.mark.parametrize(
