@@ -69,19 +69,21 @@ def settings(model: Model, *, names: dict[str, str] | None = None, **overrides) 
 
 
 def _make_step_fn(g: GenerationConfig, vocab: int):
-    """The pure part of a denoising step, compiled: sample, accept, renoise, test the stop criterion."""
+    """The pure part of a denoising step, compiled: one exponential pass over the vocabulary (softmax and entropy),
+    the draw, then accept, renoise, and test the stop criterion. Returns the probabilities as the next step's
+    self-conditioning (the decoder would otherwise compute the same softmax again)."""
 
     def step_fn(logits, canvas, history, temp, key):
         k_sample, k_noise = mx.random.split(key)
         processed = logits / temp  # (B, C, V) temperature-scaled
+        probs, h = sampling.softmax_entropy(processed)  # (B, C, V), (B, C): shared by everything below
         sampled = sampling.sample(processed, key=k_sample).astype(canvas.dtype)
         argmax = processed.argmax(axis=-1).astype(canvas.dtype)
-        h = sampling.entropy(processed)  # (B, C), shared by acceptance and the stop test
         mask = sampling.accept_mask(processed, g.entropy_bound, h)
         noise = sampling.random_canvas(canvas.shape, vocab, key=k_noise).astype(canvas.dtype)
         canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, noise)
         stop, history = sampling.stop_criterion(history, argmax, processed, g.confidence_threshold, h)
-        return canvas, argmax, processed, mask, stop.all(), history
+        return canvas, argmax, probs, mask, stop.all(), history
 
     return mx.compile(step_fn)
 
@@ -121,7 +123,7 @@ def generate_step(
         sc, argmax, steps = None, canvas, 0
         for countdown in range(N, 0, -1):  # transformers' step counter: N first, 1 at the last possible step
             key, k_step = mx.random.split(key)
-            logits = model.denoise(canvas, cache, sc)
+            logits = model.denoise(canvas, cache, self_conditioning_probs=sc)
             temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
             canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, k_step)
             steps += 1

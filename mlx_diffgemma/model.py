@@ -120,6 +120,13 @@ class SwitchLinear(nn.Module):
         super().__init__()
         self.weight = mx.zeros((num_experts, dims_out, dims_in))
 
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def expert(self, e: int, x: mx.array) -> mx.array:  # (n, in) -> (n, out) for one expert
+        return x @ self.weight[e].T
+
     def gather(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
 
@@ -147,6 +154,23 @@ class QuantizedSwitchLinear(nn.Module):
         self.group_size, self.bits, self.mode = group_size or defaults[0], bits or defaults[1], mode
         self.freeze()
 
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[0]
+
+    def expert(self, e: int, x: mx.array) -> mx.array:  # (n, in) -> (n, out) for one expert
+        biases = self.get("biases")
+        return mx.quantized_matmul(
+            x,
+            self.weight[e],
+            self.scales[e],
+            None if biases is None else biases[e],
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
+
     def gather(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
         return mx.gather_qmm(
             x,
@@ -163,12 +187,14 @@ class QuantizedSwitchLinear(nn.Module):
 
 
 def expert_path() -> str:
-    """ "gather" (gather_mm over the chosen experts) or "dense" (every expert; MLX's CPU gather_mm is float32-only
-    and slower than dense there). Same numbers either way; MLX_DIFFGEMMA_EXPERTS=dense|gather overrides."""
+    """How the experts run: "gather" (gather_mm / gather_qmm over the chosen experts: the GPU's path),
+    "segments" (tokens sorted by expert, one matmul per expert over its own rows, the counts read on the host: the
+    CPU's path, where gather_mm is slow and float32-only), or "dense" (every expert on every token, weighted: the
+    simplest, kept as a check). Same numbers each way; MLX_DIFFGEMMA_EXPERTS=dense|gather|segments overrides."""
     forced = os.environ.get("MLX_DIFFGEMMA_EXPERTS")
-    if forced in ("dense", "gather"):
+    if forced in ("dense", "gather", "segments"):
         return forced
-    return "gather" if mx.default_device() == mx.gpu else "dense"
+    return "gather" if mx.default_device() == mx.gpu else "segments"
 
 
 class Experts(nn.Module):
@@ -190,11 +216,38 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """x (N, H), idx (N, k) expert ids, w (N, k) float32 weights -> (N, H)."""
         N, k = idx.shape
-        if self.dense():
+        path = expert_path()
+        if path == "dense" and isinstance(self.gate_up_proj, SwitchLinear):
             y = self.down_proj.dense(self._glu(self.gate_up_proj.dense(x)))  # (E, N, H)
             onehot = idx[..., None] == mx.arange(y.shape[0])  # (N, k, E)
             dense_w = (onehot * w[..., None]).sum(axis=1)  # (N, E)
             return (y * dense_w.T[..., None]).sum(axis=0).astype(x.dtype)
+        if path == "segments":
+            y = self._segments(x, idx)
+        else:
+            y = self._gather(x, idx)
+        return (y.reshape(N, k, -1) * w[..., None]).sum(axis=1).astype(x.dtype)
+
+    def _segments(self, x: mx.array, idx: mx.array) -> mx.array:
+        """(N, H) x (N, k) expert ids -> (N * k, H), each expert applied to its own tokens only: the (token, slot)
+        pairs sorted by expert, one matmul per expert over its contiguous rows. Reads the per-expert counts on the
+        host (one synchronisation per layer)."""
+        N, k = idx.shape
+        flat = mx.stop_gradient(idx.flatten())
+        order = mx.stop_gradient(mx.argsort(flat))
+        counts = np.bincount(np.array(flat), minlength=self.gate_up_proj.num_experts)
+        xs = x[order // k]  # (N * k, H), grouped by expert
+        parts, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                h = self._glu(self.gate_up_proj.expert(e, xs[start : start + n]))
+                parts.append(self.down_proj.expert(e, h))
+            start += n
+        return mx.concatenate(parts)[mx.stop_gradient(mx.argsort(order))]
+
+    def _gather(self, x: mx.array, idx: mx.array) -> mx.array:
+        """(N, H) x (N, k) -> (N * k, H) with gather_mm / gather_qmm."""
+        N, k = idx.shape
         do_sort = idx.size >= 64
         xe = x[:, None, None, :]  # (N, 1, 1, H)
         flat = idx
@@ -205,8 +258,7 @@ class Experts(nn.Module):
             xe, flat = xe.flatten(0, -3)[order // k], flat[order]
         h = self._glu(self.gate_up_proj.gather(xe, flat, do_sort))
         y = self.down_proj.gather(h, flat, do_sort)
-        y = y[inv].reshape(N, k, -1) if do_sort else y.reshape(N, k, -1)
-        return (y * w[..., None]).sum(axis=1).astype(x.dtype)
+        return (y[inv] if do_sort else y).reshape(N * k, -1)
 
 
 class Layer(nn.Module):
@@ -318,7 +370,11 @@ class Model(nn.Module):
 
     def soft_embed(self, logits: mx.array) -> mx.array:
         """softmax(logits) (float32) @ embedding matrix * sqrt(hidden): (B, C, V) -> (B, C, H)."""
-        p = mx.softmax(logits.astype(mx.float32), axis=-1).astype(self.dtype)
+        return self.soft_embed_probs(mx.softmax(logits.astype(mx.float32), axis=-1))
+
+    def soft_embed_probs(self, probs: mx.array) -> mx.array:
+        """probabilities (B, C, V) @ embedding matrix * sqrt(hidden) -> (B, C, H), in the model dtype."""
+        p = probs.astype(self.dtype)
         e = self.embed_tokens
         if isinstance(e, nn.QuantizedEmbedding):  # the same quantized table the input and the head use
             table = mx.quantized_matmul(
@@ -367,11 +423,22 @@ class Model(nn.Module):
         return self.forward(self.embed(ids), offset, cache.writers(), masks, decoder=False)
 
     def denoise(
-        self, canvas: mx.array, cache: PromptCache, self_conditioning_logits: mx.array | None = None
+        self,
+        canvas: mx.array,
+        cache: PromptCache,
+        self_conditioning_logits: mx.array | None = None,
+        self_conditioning_probs: mx.array | None = None,
     ) -> mx.array:
-        """Bidirectional pass over cache + canvas (B, C) -> float32 logits (B, C, V); the cache is unchanged."""
+        """Bidirectional pass over cache + canvas (B, C) -> float32 logits (B, C, V); the cache is unchanged. The
+        self-conditioning signal is the previous step's logits (transformers' form), or their softmax when the
+        caller already has it (generation: the sampler computes it anyway)."""
         x = self.embed(canvas)
-        soft = None if self_conditioning_logits is None else self.soft_embed(self_conditioning_logits)
+        if self_conditioning_probs is not None:
+            soft = self.soft_embed_probs(self_conditioning_probs)
+        elif self_conditioning_logits is not None:
+            soft = self.soft_embed(self_conditioning_logits)
+        else:
+            soft = None
         x = self.self_conditioning(x, soft)
         h = self.forward(x, cache.offset, cache.readers(), {}, decoder=True)
         return self.logits(h)

@@ -13,6 +13,18 @@ def temperature(step: int | mx.array, t_min: float, t_max: float, max_steps: int
     return t_min + (t_max - t_min) * (step / max_steps)
 
 
+def softmax_entropy(logits: mx.array) -> tuple[mx.array, mx.array]:
+    """softmax(logits) (B, C, V) and its entropy (B, C), float32, from one exponential per logit: the one pass
+    over the vocabulary that a step needs (the probabilities feed sampling and self-conditioning, the entropy
+    acceptance and stopping)."""
+    x = logits.astype(mx.float32)
+    z = x - x.max(axis=-1, keepdims=True)
+    e = mx.exp(z)
+    total = e.sum(axis=-1, keepdims=True)
+    h = mx.log(total[..., 0]) - (e * z).sum(axis=-1) / total[..., 0]
+    return e / total, h
+
+
 def entropy(logits: mx.array) -> mx.array:
     """Entropy of softmax(logits) over the last axis, (B, C, V) -> (B, C), in float32:
     log(sum(e)) - sum(e * z) / sum(e) with z = x - max(x), e = exp(z) (one exponential per logit, and no
@@ -51,7 +63,8 @@ def random_canvas(shape: tuple[int, int], vocab_size: int, key: mx.array | None 
 
 
 def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
-    """One draw per position from softmax(logits): (B, C, V) -> (B, C)."""
+    """One draw per position from softmax(logits): (B, C, V) -> (B, C) (Gumbel-max: a uniform number and two
+    logarithms per logit; the same key gives the same draws as every earlier version of this package)."""
     return mx.random.categorical(logits, axis=-1, key=key)
 
 

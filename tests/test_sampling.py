@@ -122,3 +122,10 @@ def test_sampling_draws_from_softmax():
     np.testing.assert_allclose(np.bincount(draws[0], minlength=3) / 20000, [0.7, 0.2, 0.1], atol=0.015)
     c = np.array(sampling.random_canvas((2, 5000), 7, key=mx.random.key(1)))
     assert c.min() == 0 and c.max() == 6
+
+
+def test_softmax_entropy_is_softmax_and_entropy_in_one_pass():
+    x = mx.array(np.random.default_rng(1).normal(0, 4, (2, 5, 300)).astype(np.float32))
+    p, h = sampling.softmax_entropy(x)
+    np.testing.assert_allclose(np.array(p), np.array(mx.softmax(x, axis=-1)), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.array(h), np.array(sampling.entropy(x)), rtol=1e-5, atol=1e-6)

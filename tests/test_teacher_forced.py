@@ -51,8 +51,9 @@ def test_denoising_steps_match_transformers(checkpoint):
             sc = None if sc_t is None else mx.array(sc_t.float().numpy())
             logits = model.denoise(canvas, cache, sc)
             temp = mx.array(sampling.temperature(step, g.t_min, g.t_max, N), dtype=mx.float32)
-            new_canvas, argmax, processed, mask, stop, history = step_fn(logits, canvas, history, temp, k)
+            new_canvas, argmax, probs, mask, stop, history = step_fn(logits, canvas, history, temp, k)
             k_sample, k_noise = mx.random.split(k)  # the draws step_fn made
+            processed = logits / temp
             sampled = np.array(sampling.sample(processed, key=k_sample)).astype(np.int64).reshape(-1, 1)
             noise = np.array(sampling.random_canvas((1, C), V, key=k_noise)).astype(np.int64)
             position_ids = torch.arange(ref.cache.get_seq_length(), ref.cache.get_seq_length() + C)[None]
@@ -83,7 +84,7 @@ def test_denoising_steps_match_transformers(checkpoint):
             np.testing.assert_array_equal(np.array(mask), mask_t, err_msg=f"accepted mask, block {block} step {step}")
             np.testing.assert_array_equal(np.array(new_canvas), canvas_t.numpy(), err_msg=f"canvas, step {step}")
             assert bool(stop.item()) == bool(finished.all()), f"stop decision, block {block} step {step}"
-            np.testing.assert_allclose(np.array(processed), sc_t.float().numpy(), atol=1e-4)
+            np.testing.assert_allclose(np.array(probs), torch.softmax(sc_t.float(), -1).numpy(), atol=1e-6)
             checked["accepted"] += int(mask_t.sum())
             checked["stops"] += bool(finished.all())
         model.encode(mx.array(argmax_t.numpy()), cache)  # commit the same block on both sides
