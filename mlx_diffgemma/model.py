@@ -17,14 +17,37 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fastmath
 from .cache import FullAttentionCache, KVSource, PromptCache, SlidingWindowCache
 from .config import LayerSpec, ModelConfig, TextConfig
 
 Mask = mx.array | str | None
 
 
+def _gelu_tanh(x: mx.array) -> mx.array:
+    return fastmath.gelu_approx(x) if fastmath.enabled() else nn.gelu_approx(x)
+
+
 def _activation(name: str):
-    return nn.gelu_approx if name == "gelu_pytorch_tanh" else nn.gelu
+    return _gelu_tanh if name == "gelu_pytorch_tanh" else nn.gelu
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
+    """Scaled (by 1.0) dot-product attention, q (B, Hq, L, D) over k, v (B, Hk, S, D) with Hq a multiple of Hk;
+    mask None, "causal" (the last L of S positions) or a bool (L, S) array. MLX's fused kernel where it has one;
+    on the CPU (where MLX's version is these same matmuls, with its slower exponential) the query heads of each
+    KV head are stacked into one matmul and the softmax is fastmath's."""
+    if not fastmath.enabled():
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+    B, Hq, L, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    scores = q.reshape(B, Hk, Hq // Hk * L, D) @ k.swapaxes(-1, -2)  # (B, Hk, groups * L, S)
+    if mask is not None:
+        if isinstance(mask, str):  # causal: query i (at S - L + i) sees keys up to itself
+            mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        scores = mx.where(mask, scores.reshape(B, Hk, -1, L, S), -mx.inf).reshape(B, Hk, -1, S)
+    probs = fastmath.softmax(scores).astype(v.dtype)
+    return (probs @ v).reshape(B, Hq, L, -1)
 
 
 class RMSNorm(nn.Module):
@@ -78,7 +101,7 @@ class Attention(nn.Module):
         k = self._rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)  # (B, kv_heads, L, hd)
         v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no scale
         keys, values = kv(k, v)  # (B, kv_heads, S, hd)
-        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=1.0, mask=mask)
+        o = attention(q, keys, values, mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -395,7 +418,9 @@ class Model(nn.Module):
         """Tied LM head, then the final softcap in float32."""
         cap = self.args.final_logit_softcapping
         x = self.embed_tokens.as_linear(h).astype(mx.float32)
-        return mx.tanh(x / cap) * cap if cap else x
+        if not cap:
+            return x
+        return fastmath.softcap(x, cap) if fastmath.enabled() else mx.tanh(x / cap) * cap
 
     def forward(
         self,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from . import fastmath
+
 
 def temperature(step: int | mx.array, t_min: float, t_max: float, max_steps: int) -> float | mx.array:
     """LinearTemperatureScheduleLogitsProcessor: t_max at step N, falling linearly to t_min + (t_max-t_min)/N."""
@@ -19,7 +21,7 @@ def softmax_entropy(logits: mx.array) -> tuple[mx.array, mx.array]:
     acceptance and stopping)."""
     x = logits.astype(mx.float32)
     z = x - x.max(axis=-1, keepdims=True)
-    e = mx.exp(z)
+    e = fastmath.exp(z) if fastmath.enabled() else mx.exp(z)
     total = e.sum(axis=-1, keepdims=True)
     h = mx.log(total[..., 0]) - (e * z).sum(axis=-1) / total[..., 0]
     return e / total, h
