@@ -463,6 +463,72 @@ def _size_report(hf_path: str, dtype: str | None, recipes) -> str:
     return size_report(plans)
 
 
+BENCH_PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
+
+
+@app.command()
+def bench(
+    model: Model_,
+    prefix: Annotated[int, typer.Option("--prefix", help="Cached positions before the canvas.")] = 256,
+    steps: Annotated[int, typer.Option("--steps", help="Denoising steps to time.")] = 3,
+    prompt: Annotated[str, typer.Option("-p", "--prompt", help="Prompt of the end-to-end run.")] = BENCH_PROMPT,
+    dtype: Dtype = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
+    debug: Debug = False,
+) -> None:
+    """A denoising step on this machine, taken apart: FLOPs and bytes per component, the time of each, the rate
+    achieved against this machine's own matmul rate, and end-to-end tokens/s. A folder holding only a
+    config.json (the real model's, say) gets the accounting alone."""
+    import json
+
+    from . import bench as benchmark
+    from .config import ConfigError, ModelConfig
+    from .loading import LoadError, resolve_path
+
+    if prefix < 1 or steps < 1:
+        _fail("--prefix and --steps must be at least 1", 2)
+    try:
+        folder = resolve_path(model, weights=True)
+        config = ModelConfig.from_file(folder / "config.json")
+    except (LoadError, ConfigError) as e:
+        _fail(str(e))
+    if prefix + config.canvas_length > config.text_config.max_position_embeddings:
+        _fail(f"--prefix {prefix} with a canvas of {config.canvas_length} is past the context of the model", 2)
+    m = tok = None
+    if any(f.is_file() for f in folder.glob("*.safetensors")):
+        m, tok = (
+            _load(str(folder), dtype) if (folder / "tokenizer.json").exists() else (_load_model(folder, dtype), None)
+        )
+    report = benchmark.run(m, config, prefix, steps, tok, prompt, log=lambda s: typer.echo(s, err=True))
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "prefix": report.prefix,
+                    "costs": {k: vars(v) for k, v in report.costs.items()},
+                    "matmul_flops": report.matmul_flops,
+                    "times": report.times,
+                    "steps_per_s": report.steps_per_s,
+                    "end_to_end": report.end_to_end,
+                }
+            )
+        )
+        return
+    for line in report.summary():
+        typer.echo(line)
+    typer.echo("")
+    typer.echo(report.table())
+
+
+def _load_model(folder, dtype):
+    from .loading import LoadError, load_model
+
+    try:
+        return load_model(folder, dtype=dtype)
+    except LoadError as e:
+        _fail(str(e))
+
+
 @app.command()
 def info(
     path: Annotated[

@@ -8,11 +8,14 @@ import select
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from hub import FakeHub
 
 from mlx_diffgemma.loading import DEMO
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args, env=None, module="mlx_diffgemma", input=None):
@@ -149,3 +152,18 @@ def test_chat_help_and_start_up_hint():
     p.wait(timeout=60)
     os.close(master)
     assert b"/help lists the commands" in seen
+
+
+def test_bench_takes_a_step_apart(checkpoint):
+    r = run("bench", "--model", checkpoint("basic"), "--prefix", 40, "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    assert "this machine's matmul" in r.stdout and "steps/s" in r.stdout
+    rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
+    for name in ("attention", "dense MLP", "experts", "router", "output head", "self-conditioning", "sampler"):
+        cells = [c.strip() for c in rows[name].split("|")[2:-1]]
+        assert float(cells[0]) > 0 and float(cells[3]) > 0, rows[name]  # GFLOP and a measured time
+    real = run("bench", "--model", REPO / "benchmarks/configs/diffusiongemma-26b-a4b", "--prefix", 1024)
+    assert real.returncode == 0, real.stderr
+    assert "2532.5 GFLOP" in real.stdout  # the real model's step, from its config alone
+    bad = run("bench", "--model", "demo", "--prefix", 0)
+    assert bad.returncode == 2 and error_line(bad).startswith("error: --prefix")
