@@ -1,0 +1,298 @@
+"""One denoising step over a 256-token canvas, side by side: mlx-diffgemma, mlx-vlm (its compiled decoder) and
+transformers, in one process, rounds interleaved so that machine noise falls on all alike.
+
+The checkpoint is built with transformers (random weights, q/k norms at head_dim^-1/4 as a trained model's):
+hidden 512, 8 layers (3 sliding : 1 full, twice; full layers 2 KV heads x 512, as the real model), 8 query heads,
+16 experts top-4 x 256, dense MLP 1024, vocabulary 32,768, sliding window 512, canvas 256. A step is what each
+engine's own generation loop does per denoising step, sampler included:
+- mlx-diffgemma: `generate_step` (encode once, then steps with self-conditioning);
+- mlx-vlm: its entropy-bound path of `stream_diffusion_generate` (compiled decoder, temperature, categorical
+  sample, entropy, acceptance, renoise, self-conditioning, stability test), replayed step by step;
+- transformers: `generate` itself, its steps timed by a streamer's `put_draft`.
+Each round runs K steps per engine (after one step that is not counted: the first, without self-conditioning);
+steps/s is K over the round's time, min and median over rounds. Peak memory: each engine in a fresh process
+(encode + 3 steps), resident memory above what it held after loading.
+
+    pip install mlx-vlm==0.7.10   # for the comparison (optional: --engines ours transformers)
+    python benchmarks/bench_step.py [--prefix 256 2048 8192] [--rounds 3] [--steps 3] [--engines ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEXT = dict(
+    vocab_size=32768,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    global_head_dim=512,
+    num_global_key_value_heads=2,
+    sliding_window=512,
+    num_experts=16,
+    top_k_experts=4,
+    moe_intermediate_size=256,
+    max_position_embeddings=16384,
+    layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2,
+)
+CANVAS = 256
+NEVER = dict(stability_threshold=1, confidence_threshold=1e-30)  # no early stop: every step is a full step
+
+
+def build(path: Path) -> Path:
+    from mlx_diffgemma import reference as ref
+
+    if not (path / "config.json").exists():
+        ref.build_checkpoint(path, ref.Fixture("bench", TEXT, canvas_length=CANVAS, tame=True), seed=0)
+    return path
+
+
+# ---- engines: load(path); run(prefix_ids, steps) -> seconds per counted step ---------------------------------------
+
+
+class Ours:
+    name = "mlx-diffgemma"
+
+    def __init__(self, path: Path):
+        from mlx_diffgemma import load
+
+        self.model, _ = load(path)
+
+    def run(self, ids: np.ndarray, steps: int) -> list[float]:
+        import mlx.core as mx
+
+        from mlx_diffgemma.generate import generate_step, settings
+
+        g = settings(self.model, max_denoising_steps=steps + 1, eos_token_id=[], **NEVER)
+        events = generate_step(self.model, mx.array(ids), g, CANVAS, key=mx.random.key(0))
+        times, tic = [], None
+        for e in events:
+            if not hasattr(e, "draft"):
+                break
+            mx.eval(e.draft)
+            now = time.perf_counter()
+            if tic is not None:
+                times.append(now - tic)
+            tic = now
+        return times
+
+    def first_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+        import mlx.core as mx
+
+        from mlx_diffgemma.generate import prefill
+
+        cache = self.model.make_cache()
+        prefill(self.model, mx.array(ids), cache)
+        return np.array(self.model.denoise(mx.array(canvas), cache))
+
+
+class MlxVlm:
+    name = "mlx-vlm"
+
+    def __init__(self, path: Path):
+        from mlx_vlm.utils import load_model
+
+        self.model = load_model(path)
+        self.version = __import__("mlx_vlm").__version__
+
+    def _prefill(self, ids):
+        import mlx.core as mx
+
+        cache = self.model.make_cache()
+        out = self.model.diffusion_prefill_cache(mx.array(ids), cache=cache)
+        cache = out if isinstance(out, list) else cache
+        mx.eval([c.state for c in cache])
+        return cache
+
+    def run(self, ids: np.ndarray, steps: int) -> list[float]:
+        import mlx.core as mx
+        from mlx_vlm.generate import diffusion as D
+
+        m, V, N = self.model, TEXT["vocab_size"], steps + 1
+        cache = self._prefill(ids)
+        canvas = D._diffusion_initialize_canvas(1, CANVAS, V, mx.int32)
+        masks = m.diffusion_decoder_masks(canvas, cache, None)
+        without_sc, with_sc = D._make_diffusion_decoder_logits_fns(m, cache, masks, compile_graph=True)
+        context = m.diffusion_prepare_self_conditioning()
+        sc, history, times, tic = None, [], [], None
+        for cur_step in reversed(range(1, N + 1)):
+            logits = without_sc(canvas) if sc is None else with_sc(canvas, sc)
+            logits = logits / D._diffusion_linear_temperature(cur_step, N, {"t_min": 0.4, "t_max": 0.8})
+            argmax = mx.argmax(logits, axis=-1).astype(mx.int32)
+            sample = D._diffusion_sample_canvas(logits, mx.int32, 1.0)
+            entropy = D._diffusion_token_entropy(logits)
+            sc = m.diffusion_self_conditioning(logits, context)
+            accept = D._diffusion_entropy_transfer_mask(entropy, 0.1)
+            accepted = mx.where(accept, sample, canvas)
+            canvas = mx.where(accept, accepted, D._diffusion_initialize_canvas(1, CANVAS, V, mx.int32))
+            D._diffusion_stable_and_confident(argmax, logits, history, {"stability_threshold": 1, **NEVER})
+            mx.eval(canvas, sc, argmax)
+            now = time.perf_counter()
+            if tic is not None:
+                times.append(now - tic)
+            tic = now
+        return times
+
+    def first_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+        import mlx.core as mx
+
+        cache = self._prefill(ids)
+        c = mx.array(canvas)
+        masks = self.model.diffusion_decoder_masks(c, cache, None)
+        return np.array(self.model.diffusion_decoder_logits(c, cache=cache, decoder_attention_mask=masks))
+
+
+class Transformers:
+    name = "transformers"
+
+    def __init__(self, path: Path):
+        import torch
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        torch.manual_seed(0)
+        self.torch, self.path = torch, path
+        self.model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
+
+    def run(self, ids: np.ndarray, steps: int) -> list[float]:
+        stamps: list[float] = []
+
+        class Streamer:
+            def put(self, value):
+                pass
+
+            def put_draft(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        with self.torch.inference_mode():
+            self.model.generate(
+                self.torch.as_tensor(ids),
+                max_new_tokens=CANVAS,
+                max_denoising_steps=steps + 1,
+                eos_token_id=None,
+                streamer=Streamer(),
+                **NEVER,
+            )
+        return list(np.diff(stamps))
+
+    def first_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+        from mlx_diffgemma.reference import ReferenceModel
+
+        ref = ReferenceModel(self.path)
+        ref.encode(ids)
+        return ref.denoise(canvas)
+
+
+ENGINES = {"ours": Ours, "mlx-vlm": MlxVlm, "transformers": Transformers}
+
+
+def versions() -> str:
+    import mlx.core as mx
+
+    out = [f"python {platform.python_version()}", f"mlx {mx.__version__}"]
+    for mod in ("mlx_vlm", "torch", "transformers"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    blas = os.environ.get("LD_PRELOAD", "")
+    out.append("MLX BLAS: " + ("OpenBLAS (preloaded)" if "openblas" in blas else "bundled reference BLAS"))
+    try:
+        import torch
+
+        out.append(f"torch threads {torch.get_num_threads()}")
+    except ImportError:
+        pass
+    return ", ".join(out)
+
+
+def child(engine: str, path: Path, prefix: int) -> None:
+    """Peak resident memory of one engine: encode + 3 steps, above what it held after loading."""
+    e = ENGINES[engine](path)
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    ids = np.random.default_rng(0).integers(0, TEXT["vocab_size"], (1, prefix))
+    e.run(ids, 3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_above_load": max(peak - base, 0)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prefix", type=int, nargs="+", default=[256, 2048, 8192])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3, help="counted steps per engine per round")
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mlx-diffgemma-bench")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PREFIX"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    path = build(args.workdir / "checkpoint")
+    if args.child:
+        return child(args.child[0], path, int(args.child[1]))
+
+    engines = [ENGINES[n](path) for n in args.engines]
+    machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores"
+    print(f"# {time.strftime('%Y-%m-%d')} · {machine} · {versions()}")
+    print(f"# {' '.join(sys.argv)}")
+    header = " | ".join(f"{e.name} steps/s (min-median)" for e in engines)
+    print(f"| prefix | {header} | " + " | ".join(f"ours / {e.name}" for e in engines[1:]) + " |")
+    print("|---|" + "---|" * (2 * len(engines) - 1))
+    rng = np.random.default_rng(0)
+    ids, canvas = rng.integers(0, TEXT["vocab_size"], (1, 300)), rng.integers(0, TEXT["vocab_size"], (1, CANVAS))
+    logits = {e.name: e.first_logits(ids, canvas) for e in engines}
+    first = engines[0].name
+    agree = ", ".join(
+        f"{n}: max |logit difference| {np.abs(v - logits[first]).max():.1e}" for n, v in logits.items() if n != first
+    )
+    print(f"# same function: {first} against {agree} (prefix 300, one denoising step)")
+    for prefix in args.prefix:
+        ids = rng.integers(0, TEXT["vocab_size"], (1, prefix))
+        rates: dict[str, list[float]] = {e.name: [] for e in engines}
+        for e in engines:  # warm-up (compilation, allocation)
+            e.run(ids, 1)
+        for _ in range(args.rounds):
+            for e in engines:
+                times = e.run(ids, args.steps)
+                rates[e.name].append(len(times) / sum(times))
+        med = {n: statistics.median(r) for n, r in rates.items()}
+        cells = [f"{min(r):.3f}-{med[n]:.3f}" for n, r in rates.items()]
+        ratios = [f"{med[engines[0].name] / med[e.name]:.2f}x" for e in engines[1:]]
+        print(f"| {prefix:,} | " + " | ".join(cells + ratios) + " |", flush=True)
+    if args.no_memory:
+        return
+    print("\n| prefix | " + " | ".join(f"{e.name} peak memory above load" for e in engines) + " |")
+    print("|---|" + "---|" * len(engines))
+    from mlx_diffgemma.memory import fmt
+
+    for prefix in args.prefix:
+        cells = []
+        for e in engines:
+            key = next(k for k, v in ENGINES.items() if v is type(e))
+            r = subprocess.run(
+                [sys.executable, __file__, "--workdir", str(args.workdir), "--child", key, str(prefix)],
+                capture_output=True,
+                text=True,
+            )
+            cells.append(fmt(json.loads(r.stdout)["peak_above_load"]) if r.returncode == 0 else "failed")
+        print(f"| {prefix:,} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
