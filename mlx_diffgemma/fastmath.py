@@ -64,16 +64,45 @@ def _shifted_exp(x: mx.array, m: mx.array) -> mx.array:
     return _exp(x - m)
 
 
+# The public functions carry their exact derivatives (written from their outputs, or MLX's own where that is
+# simpler), so training differentiates through them as it does through MLX's versions: the bit-level 2^n of exp has
+# no derivative of its own, and the derivative of a polynomial approximation is not the function's.
+
+
+@mx.custom_function
+def _softmax_last(x: mx.array) -> mx.array:
+    e = _shifted_exp(x, mx.max(x, axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@_softmax_last.vjp
+def _softmax_last_vjp(primals, cotangent, output):
+    return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+
+
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """softmax along `axis`, float32."""
     x = x.astype(mx.float32)
-    e = _shifted_exp(x, mx.max(x, axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    if axis in (-1, x.ndim - 1):
+        return _softmax_last(x)
+    return mx.swapaxes(_softmax_last(mx.swapaxes(x, axis, -1)), axis, -1)
 
 
 @mx.compile
-def _softcap(x: mx.array, cap: mx.array) -> mx.array:
+def _softcap_fwd(x: mx.array, cap: mx.array) -> mx.array:
     return _tanh(x / cap) * cap
+
+
+@mx.custom_function
+def _softcap(x: mx.array, cap: mx.array) -> mx.array:
+    return _softcap_fwd(x, cap)
+
+
+@_softcap.vjp
+def _softcap_vjp(primals, cotangent, output):
+    cap = primals[1]
+    t = output / cap
+    return cotangent * (1.0 - t * t), mx.zeros_like(cap)
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
@@ -81,9 +110,24 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return _softcap(x.astype(mx.float32), mx.array(cap, dtype=mx.float32))
 
 
+_GELU_C, _GELU_A = 0.7978845608028654, 0.044715
+
+
 @mx.compile
+def _gelu_approx_fwd(x: mx.array) -> mx.array:
+    return 0.5 * x * (1.0 + _tanh(_GELU_C * (x + _GELU_A * x * x * x)))
+
+
+@mx.custom_function
 def _gelu_approx(x: mx.array) -> mx.array:
-    return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    return _gelu_approx_fwd(x)
+
+
+@_gelu_approx.vjp
+def _gelu_approx_vjp(primals, cotangent, output):
+    x = primals[0] if isinstance(primals, (tuple, list)) else primals
+    t = mx.tanh(_GELU_C * (x + _GELU_A * x * x * x))
+    return cotangent * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * _GELU_A * x * x))
 
 
 def gelu_approx(x: mx.array) -> mx.array:

@@ -34,9 +34,9 @@ def _activation(name: str):
 
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     """Scaled (by 1.0) dot-product attention, q (B, Hq, L, D) over k, v (B, Hk, S, D) with Hq a multiple of Hk;
-    mask None, "causal" (the last L of S positions) or a bool (L, S) array. MLX's fused kernel where it has one;
-    on the CPU (where MLX's version is these same matmuls, with its slower exponential) the query heads of each
-    KV head are stacked into one matmul and the softmax is fastmath's."""
+    mask None, "causal" (the last L of S positions) or a bool array (L, S) or (B | 1, Hq | 1, L | 1, S). MLX's
+    fused kernel where it has one; on the CPU (where MLX's version is these same matmuls, with its slower
+    exponential) the query heads of each KV head are stacked into one matmul and the softmax is fastmath's."""
     if not fastmath.enabled():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
     B, Hq, L, D = q.shape
@@ -45,6 +45,9 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     if mask is not None:
         if isinstance(mask, str):  # causal: query i (at S - L + i) sees keys up to itself
             mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]
+        if mask.ndim == 4:  # (B | 1, Hq | 1, L | 1, S) -> (B | 1, Hk | 1, groups | 1, L | 1, S)
+            b, h, l, _ = mask.shape
+            mask = mask[:, :, None] if h == 1 else mask.reshape(b, Hk, Hq // Hk, l, S)
         scores = mx.where(mask, scores.reshape(B, Hk, -1, L, S), -mx.inf).reshape(B, Hk, -1, S)
     probs = fastmath.softmax(scores).astype(v.dtype)
     return (probs @ v).reshape(B, Hq, L, -1)

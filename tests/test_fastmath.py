@@ -38,14 +38,20 @@ def test_tanh_softcap_gelu_and_softmax():
     np.testing.assert_allclose(np.array(fastmath.softmax(s)), np.array(mx.softmax(s, axis=-1, precise=True)), atol=3e-7)
 
 
-@pytest.mark.parametrize("heads,kv_heads,mask", [(4, 2, None), (4, 1, "causal"), (8, 2, "array"), (2, 2, None)])
+MASKS = [(9, 20), (2, 1, 1, 20), (2, 1, 9, 20), (1, 8, 9, 20), (2, 8, 1, 20)]  # training's are per example
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,mask",
+    [(4, 2, None), (4, 1, "causal"), (2, 2, None)] + [(8, 2, shape) for shape in MASKS] + [(4, 4, MASKS[1])],
+)
 def test_cpu_attention_equals_mlx_attention(heads, kv_heads, mask):
     rng = np.random.default_rng(2)
     q = mx.array(rng.normal(size=(2, heads, 9, 16)).astype(np.float32))
     k = mx.array(rng.normal(size=(2, kv_heads, 20, 16)).astype(np.float32))
     v = mx.array(rng.normal(size=(2, kv_heads, 20, 12)).astype(np.float32))
-    if mask == "array":
-        mask = mx.array(rng.random((9, 20)) < 0.7) | (mx.arange(20)[None] == 19)
+    if isinstance(mask, tuple):  # every row keeps its last key, so no row is all -inf
+        mask = mx.array(rng.random(mask) < 0.6) | (mx.arange(20) == 19)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
     got = attention(q, k, v, mask)
     assert fastmath.enabled()  # the CPU path is the one under test
@@ -70,3 +76,21 @@ def test_fastmath_can_be_turned_off(monkeypatch):
     assert not fastmath.enabled()
     monkeypatch.delenv("MLX_DIFFGEMMA_FASTMATH")
     assert fastmath.enabled() == (mx.default_device() == mx.cpu) and "MLX_DIFFGEMMA_FASTMATH" not in os.environ
+
+
+def test_gradients_are_the_functions_own():
+    """Training differentiates through these as through MLX's versions: exact derivatives, not the
+    approximations' (and exp's bit-level 2^n, which has none)."""
+    rng = np.random.default_rng(5)
+    x = mx.array(rng.normal(0, 3, (4, 33)).astype(np.float32))
+    c = mx.array(rng.normal(size=(4, 33)).astype(np.float32))
+    pairs = [
+        (fastmath.softmax, lambda a: mx.softmax(a, axis=-1, precise=True)),
+        (lambda a: fastmath.softmax(a, axis=0), lambda a: mx.softmax(a, axis=0, precise=True)),
+        (lambda a: fastmath.softcap(a, 2.0), lambda a: 2.0 * mx.tanh(a / 2.0)),
+        (fastmath.gelu_approx, nn.gelu_approx),
+    ]
+    for fast, ref in pairs:
+        got = mx.vjp(fast, [x], [c])[1][0]
+        want = mx.vjp(ref, [x], [c])[1][0]
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-6, rtol=1e-5)
