@@ -11,7 +11,7 @@ engine's own generation loop does per denoising step, sampler included:
 - transformers: `generate` itself, its steps timed by a streamer's `put_draft`.
 Each round runs K steps per engine (after one step that is not counted: the first, without self-conditioning);
 steps/s is K over the round's time, min and median over rounds. Peak memory: each engine in a fresh process
-(encode + 3 steps), resident memory above what it held after loading.
+(encode + 3 steps), the process's peak resident memory above what it held after loading.
 
     pip install mlx-vlm==0.7.10   # for the comparison (optional: --engines ours transformers)
     python benchmarks/bench_step.py [--prefix 256 2048 8192] [--rounds 3] [--steps 3] [--engines ...]
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -223,14 +222,24 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def _status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def child(engine: str, path: Path, prefix: int) -> None:
-    """Peak resident memory of one engine: encode + 3 steps, above what it held after loading."""
+    """Peak resident memory of one engine: encode + 3 steps, above what it held after loading (the high-water mark
+    is reset after loading: Linux's clear_refs)."""
     e = ENGINES[engine](path)
-    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     ids = np.random.default_rng(0).integers(0, TEXT["vocab_size"], (1, prefix))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status("VmRSS")
     e.run(ids, 3)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_above_load": max(peak - base, 0)}))
+    print(json.dumps({"peak_above_load": max(_status("VmHWM") - base, 0)}))
 
 
 def main() -> None:
@@ -241,12 +250,15 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mlx-diffgemma-bench")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PREFIX"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     path = build(args.workdir / "checkpoint")
     if args.child:
         return child(args.child[0], path, int(args.child[1]))
 
+    if args.memory_only:
+        return memory_table(args, [ENGINES[n] for n in args.engines])
     engines = [ENGINES[n](path) for n in args.engines]
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores"
     print(f"# {time.strftime('%Y-%m-%d')} · {machine} · {versions()}")
@@ -275,16 +287,19 @@ def main() -> None:
         cells = [f"{min(r):.3f}-{med[n]:.3f}" for n, r in rates.items()]
         ratios = [f"{med[engines[0].name] / med[e.name]:.2f}x" for e in engines[1:]]
         print(f"| {prefix:,} | " + " | ".join(cells + ratios) + " |", flush=True)
-    if args.no_memory:
-        return
-    print("\n| prefix | " + " | ".join(f"{e.name} peak memory above load" for e in engines) + " |")
-    print("|---|" + "---|" * len(engines))
+    if not args.no_memory:
+        memory_table(args, [type(e) for e in engines])
+
+
+def memory_table(args, classes) -> None:
     from mlx_diffgemma.memory import fmt
 
+    print("\n| prefix | " + " | ".join(f"{c.name} peak memory above load" for c in classes) + " |")
+    print("|---|" + "---|" * len(classes))
     for prefix in args.prefix:
         cells = []
-        for e in engines:
-            key = next(k for k, v in ENGINES.items() if v is type(e))
+        for c in classes:
+            key = next(k for k, v in ENGINES.items() if v is c)
             r = subprocess.run(
                 [sys.executable, __file__, "--workdir", str(args.workdir), "--child", key, str(prefix)],
                 capture_output=True,
