@@ -19,6 +19,7 @@ from . import memory, sampling
 from .cache import PromptCache
 from .config import GenerationConfig
 from .model import Model
+from .noise import Noise
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,22 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
     return mx.compile(step_fn)
 
 
+def _make_noise_step_fn(g: GenerationConfig):
+    """`_make_step_fn` with the noise given: Gumbel noise (B, C, V) for the draw and renoise tokens (B, C)."""
+
+    def step_fn(logits, canvas, history, temp, gumbel, fresh):
+        processed = logits / temp
+        probs, h = sampling.softmax_entropy(processed)
+        sampled = (processed + gumbel).argmax(axis=-1).astype(canvas.dtype)
+        argmax = processed.argmax(axis=-1).astype(canvas.dtype)
+        mask = sampling.accept_mask(processed, g.entropy_bound, h)
+        canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, fresh.astype(canvas.dtype))
+        stop, history = sampling.stop_criterion(history, argmax, processed, g.confidence_threshold, h)
+        return canvas, argmax, probs, mask, stop.all(), history
+
+    return mx.compile(step_fn)
+
+
 def generate_step(
     model: Model,
     prompt: mx.array | None,
@@ -95,12 +112,17 @@ def generate_step(
     max_tokens: int,
     cache: PromptCache | None = None,
     key: mx.array | None = None,
+    noise: Noise | None = None,
 ) -> Iterator[Step | Commit]:
     """Encode `prompt` (1, P) into `cache` (new if None; prompt None: the cache already holds it), then generate
     ceil(max_tokens / C) blocks at most.
 
     Each block starts from uniform random tokens and runs up to `max_denoising_steps` steps; it commits its argmax
-    canvas, which is encoded into the cache only when another block follows (as transformers does)."""
+    canvas, which is encoded into the cache only when another block follows (as transformers does).
+
+    Randomness comes from MLX's generator (`key`; a time-based one if None) unless `noise` is given: then every
+    initial canvas, sampling draw and renoise token comes from it (`noise.CounterNoise(seed, vocab)` replays the
+    noise of a `mlx_diffgemma reference` file, so this loop and transformers' consume the same numbers)."""
     if prompt is not None and (prompt.ndim != 2 or prompt.shape[0] != 1):
         raise ValueError(f"prompt must have shape (1, P), got {tuple(prompt.shape)}")
     if prompt is None and (cache is None or cache.offset == 0):
@@ -110,22 +132,29 @@ def generate_step(
     cache = cache if cache is not None else model.make_cache()
     key = key if key is not None else mx.random.key(int(time.time_ns() % 2**31))
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
-    step_fn = _make_step_fn(g, V)
+    step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
     eos = set(g.eos_token_id)
     pending = prompt  # tokens to encode before the next block
     produced = 0
     for block in range(math.ceil(max_tokens / C)):
         if pending is not None:
             prefill(model, pending, cache)
-        key, k_init = mx.random.split(key)
-        canvas = sampling.random_canvas((1, C), V, key=k_init)
+        if noise is None:
+            key, k_init = mx.random.split(key)
+            canvas = sampling.random_canvas((1, C), V, key=k_init)
+        else:
+            canvas = noise.canvas(block, (1, C)).astype(mx.int32)
         history = sampling.new_history(g.stability_threshold, 1, C)
         sc, argmax, steps = None, canvas, 0
         for countdown in range(N, 0, -1):  # transformers' step counter: N first, 1 at the last possible step
-            key, k_step = mx.random.split(key)
             logits = model.denoise(canvas, cache, self_conditioning_probs=sc)
             temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
-            canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, k_step)
+            if noise is None:
+                key, k_step = mx.random.split(key)
+                randomness = (k_step,)
+            else:
+                randomness = (noise.sample(block, steps + 1, (1, C, V)), noise.renoise(block, steps + 1, (1, C)))
+            canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, *randomness)
             steps += 1
             mx.async_eval(canvas, argmax, stop)
             yield Step(block, steps, argmax[0], mask[0])
