@@ -40,7 +40,7 @@ test: setup
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 parity: setup
-	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma parity
+	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma parity --fixtures
 
 # The main job: the demo model shipped inside the package (mlx_diffgemma/demo/model, trained from scratch by
 # benchmarks/train_demo.py) answers with the live canvas on a terminal, block by block in a pipe.

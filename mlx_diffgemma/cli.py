@@ -381,20 +381,167 @@ def train_cmd(
 
 @app.command()
 def parity(
-    workdir: Annotated[
-        Optional[Path], typer.Option(help="Keep the tiny checkpoints in this folder (default: a temporary one).")
+    fixtures: Annotated[
+        bool, typer.Option("--fixtures", help="Build tiny random checkpoints here and compare with transformers.")
+    ] = False,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Our model (MLX folder, any conversion, or HF folder).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the checkpoints and inputs.")] = 0,
+    against: Annotated[
+        Optional[Path], typer.Option("--against", help="A reference file from `mlx_diffgemma reference`.")
+    ] = None,
+    dtype: Dtype = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    workdir: Annotated[
+        Optional[Path], typer.Option(help="--fixtures: keep the tiny checkpoints here (default: a temporary folder).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="--fixtures: seed for the checkpoints and inputs.")] = 0,
     debug: Debug = False,
 ) -> None:
-    """Build tiny random checkpoints with transformers and print MLX-vs-transformers logit parity tables."""
+    """Compare our model with transformers: against a reference file recorded anywhere (--model M --against F:
+    per-stage logit differences, top-1, KL, and a replayed generation), or on tiny checkpoints built here
+    (--fixtures)."""
+    if fixtures == (against is not None):
+        _fail("give --model M --against REF_FILE, or --fixtures", 2)
+    if fixtures:
+        try:
+            from .parity import parity_report
+        except ImportError as e:
+            _fail(f"{e}")
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+        typer.echo(parity_report(workdir, seed=seed))
+        return
+    if model is None:
+        _fail("--against needs --model: the model to compare with the reference file", 2)
+    import json
+
+    from .config import ConfigError
+    from .loading import LoadError
+    from .parity import ReferenceFileError, compare, format_comparison
+
     try:
-        from .parity import parity_report
+        report = compare(model, against, dtype=dtype, log=lambda s: typer.echo(s, err=True))
+    except (ReferenceFileError, LoadError, ConfigError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_comparison(report))
+
+
+@app.command()
+def reference(
+    model: Annotated[str, typer.Option("--model", help="The original checkpoint: a Hugging Face folder or repo id.")],
+    out: Annotated[Path, typer.Option("--out", help="The reference file to write (safetensors).")],
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16, float16 or float32.")] = "bfloat16",
+    prompts: Annotated[
+        Optional[Path],
+        typer.Option("--prompts", help='Prompts, one per line: text, or JSON {"prompt"|"messages"|"ids": ...}.'),
+    ] = None,
+    max_tokens: MaxTokens = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shared noise.")] = 0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Logits kept per position when not stored whole.")] = 64,
+    full_logits: Annotated[
+        Optional[bool],
+        typer.Option("--full-logits/--top-k-logits", help="Store logits whole (default: when under 64 MB a stage)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file that is not a reference.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Run the original model with transformers (CPU or CUDA) and record what a Mac needs to check a conversion
+    against it: logits along a fixed trajectory, and generations with shared noise (`parity --against`)."""
+    if max_tokens is not None and max_tokens < 1:
+        _fail("--max-tokens must be at least 1", 2)
+    if top_k < 1:
+        _fail("--top-k must be at least 1", 2)
+    try:
+        from . import reference as ref
     except ImportError as e:
         _fail(f"{e}")
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-    typer.echo(parity_report(workdir, seed=seed))
+    from .config import ConfigError
+    from .files import OutputError
+    from .loading import LoadError
+
+    try:
+        items = _read_prompts(prompts) if prompts is not None else None
+        ref.quiet()
+        header = ref.record(
+            model,
+            out,
+            device=device,
+            dtype=dtype,
+            prompts=items,
+            max_tokens=max_tokens,
+            seed=seed,
+            top_k=top_k,
+            full_logits=full_logits,
+            force=force,
+            log=lambda s: typer.echo(s, err=True),
+        )
+    except (ref.ReferenceRunError, OutputError, LoadError, ConfigError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.strerror or e}: {e.filename or ''}".strip(": "))
+    n = len(header["prompts"])
+    typer.echo(f"wrote {out} ({n} prompt{'s' * (n != 1)}, {header['dtype']} on {header['device']})")
+
+
+def _read_prompts(path: Path) -> list[dict]:
+    """--prompts: one prompt per line, plain text or a JSON object with "prompt", "messages" or "ids"."""
+    import json
+
+    from .reference import ReferenceRunError
+
+    try:
+        lines = path.expanduser().read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ReferenceRunError(f"{path} is not UTF-8 text") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise ReferenceRunError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(item, dict) or not ({"prompt", "messages", "ids"} & set(item)):
+                raise ReferenceRunError(f'{path}:{n}: a JSON line needs "prompt", "messages" or "ids"')
+            if "ids" in item and not (
+                isinstance(item["ids"], list) and all(type(t) is int for t in item["ids"]) and item["ids"]
+            ):
+                raise ReferenceRunError(f'{path}:{n}: "ids" must be a non-empty list of integers')
+            items.append(item)
+        else:
+            items.append({"prompt": line})
+    if not items:
+        raise ReferenceRunError(f"{path} holds no prompts")
+    return items
+
+
+@app.command()
+def export(
+    model: Model_,
+    hf_path: Annotated[Path, typer.Option("--hf-path", help="Output folder (Hugging Face layout).")],
+    dtype: Annotated[
+        Optional[str], typer.Option("--dtype", help="bfloat16, float16 or float32 (default: the model's).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing folder export did not write.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Write a model (an MLX conversion, a fine-tune, or the demo) as a Hugging Face folder that transformers and
+    vLLM load; quantized weights are dequantized."""
+    from .config import ConfigError
+    from .convert.export import ExportError
+    from .convert.export import export as run_export
+    from .loading import LoadError
+
+    try:
+        out = run_export(model, hf_path, dtype=dtype, force=force, log=lambda s: typer.echo(s, err=True))
+    except (ExportError, LoadError, ConfigError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.strerror or e}: {e.filename or ''}".strip(": "))
+    typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -7,6 +7,8 @@ head dims and KV heads resolve exactly as transformers resolves them (`per_layer
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -239,6 +241,17 @@ class ModelConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> ModelConfig:
         return cls.from_dict(_read_json(Path(path)))
+
+    def architecture(self) -> str:
+        """A digest of what fixes the model's function up to its weights: the text model's shapes, layer plan,
+        RoPE, norms and softcap, and the canvas length; not the dtype nor the quantization (a checkpoint and
+        its conversions share it). Reference files carry it so that they are compared with the model they
+        were recorded from."""
+        t = dataclasses.asdict(self.text_config)
+        for k in ("pad_token_id", "bos_token_id", "eos_token_id", "max_position_embeddings", "tie_word_embeddings"):
+            t.pop(k, None)
+        blob = json.dumps({"text": t, "canvas_length": self.canvas_length}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from . import noise
+
 try:
     import torch
     import transformers
@@ -117,8 +119,9 @@ def _perturb(model: DiffusionGemmaForBlockDiffusion, fixture: Fixture, seed: int
             e.layer_scalar.copy_(u((1,), 1.1, 1.5))
 
 
-def build_checkpoint(path: str | Path, fixture: str | Fixture = "basic", seed: int = 0) -> Path:
-    """Save a tiny random DiffusionGemma in the real Hugging Face layout (transformers' save_pretrained)."""
+def build_checkpoint(path: str | Path, fixture: str | Fixture = "basic", seed: int = 0, dtype: str = "float32") -> Path:
+    """Save a tiny random DiffusionGemma in the real Hugging Face layout (transformers' save_pretrained), its
+    weights in `dtype`."""
     f = FIXTURES[fixture] if isinstance(fixture, str) else fixture
     path = Path(path)
     torch.manual_seed(seed)
@@ -139,7 +142,7 @@ def build_checkpoint(path: str | Path, fixture: str | Fixture = "basic", seed: i
     )
     model = DiffusionGemmaForBlockDiffusion(config).eval()
     _perturb(model, f, seed)
-    model.save_pretrained(path)
+    model.to(_TORCH_DTYPES[dtype]).save_pretrained(path)
     if f.flat_keys:  # rewrite config.json the way published configs spell the full-layer overrides
         cfg = json.loads((path / "config.json").read_text())
         tc = cfg["text_config"]
@@ -186,6 +189,78 @@ class ReferenceModel:
             decoder_input_ids=torch.as_tensor(canvas, device=self.device), cache=self.cache, self_conditioning_logits=sc
         )
         return out.logits.float().cpu().numpy()
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], seed: int, max_new_tokens: int) -> tuple[list[int], list[int]]:
+        """transformers' own `generate` on one prompt with its random draws taken from `noise.CounterNoise(seed)`:
+        the initial canvases and renoise tokens from the sampler's `initialize_canvas` (a subclass), and the draw
+        that `torch.multinomial` makes from the probabilities replaced, in the generation module only and for this
+        call only, by the Gumbel-max draw with the shared uniforms. Everything else (temperature, acceptance,
+        stopping, EOS and padding) is transformers' code. Returns the generated tokens through the first EOS
+        (at most `max_new_tokens`: transformers appends whole canvases) and the denoising steps each block took."""
+        from transformers.models.diffusion_gemma import generation_diffusion_gemma as gen
+
+        V, C = self.model.config.text_config.vocab_size, self.model.config.canvas_length
+        device = self.device
+        state = {"block": -1, "steps": []}
+
+        def ids_from(purpose: int, step: int, shape) -> torch.Tensor:
+            keys = noise.stream_key(seed, purpose, state["block"], step)
+            return torch.as_tensor(noise.tokens_np(keys, tuple(shape), V), device=device)
+
+        class ReplaySampler(gen.EntropyBoundSampler):
+            def initialize_canvas(self, batch_size: int, device: torch.device) -> torch.LongTensor:
+                state["block"] += 1
+                state["steps"].append(0)
+                return ids_from(noise.CANVAS, 0, (batch_size, C))
+
+            def renoise_canvas(self, accepted_canvas: torch.LongTensor, cur_step: int) -> torch.LongTensor:
+                fresh = ids_from(noise.RENOISE, state["steps"][-1], accepted_canvas.shape)
+                return torch.where(~self.accepted_token_mask, fresh, accepted_canvas)
+
+        def multinomial(probs: torch.Tensor, num_samples: int = 1, **_) -> torch.Tensor:
+            state["steps"][-1] += 1
+            keys = noise.stream_key(seed, noise.SAMPLE, state["block"], state["steps"][-1])
+            u = torch.as_tensor(noise.uniform_np(keys, tuple(probs.shape)), device=probs.device)
+            return (probs.float().log() - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
+
+        class TorchWithReplay:  # the generation module's `torch`, but for multinomial
+            def __getattr__(self, name: str):
+                return getattr(torch, name)
+
+        TorchWithReplay.multinomial = staticmethod(multinomial)
+
+        def sampler(gc):
+            return ReplaySampler(gc.sampler_config, C, V, gc.max_denoising_steps)
+
+        saved = gen.torch
+        gen.torch, self.model._prepare_sampler = TorchWithReplay(), sampler
+        try:
+            out = self.model.generate(
+                input_ids=torch.as_tensor([ids], device=device), max_new_tokens=max_new_tokens, disable_compile=True
+            )
+        finally:
+            gen.torch = saved
+            del self.model._prepare_sampler
+        tokens = out.sequences[0, len(ids) :].tolist()[:max_new_tokens]  # whole canvases: cut as we do
+        eos = set(self.settings()["eos_token_id"])
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        return tokens[:cut], state["steps"]
+
+    def settings(self) -> dict[str, Any]:
+        """The sampler settings transformers' `generate` uses for this checkpoint (its generation config with
+        transformers' defaults), by our names."""
+        gc, _ = self.model._prepare_generation_config(None)
+        eos = gc.eos_token_id
+        return {
+            "max_denoising_steps": int(gc.max_denoising_steps),
+            "entropy_bound": float(gc.sampler_config.entropy_bound),
+            "t_min": float(gc.t_min),
+            "t_max": float(gc.t_max),
+            "stability_threshold": int(gc.stability_threshold),
+            "confidence_threshold": float(gc.confidence_threshold),
+            "eos_token_id": [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None],
+        }
 
 
 def quiet() -> None:
@@ -272,3 +347,174 @@ def reference_loss(model: DiffusionGemmaForBlockDiffusion, batch, encoder_weight
     dec_loss = torch.stack(dec).mean()
     enc_loss = enc_sum / enc_n
     return dec_loss + encoder_weight * enc_loss, {"canvas": dec_loss, "encoder": enc_loss}
+
+
+# ---- reference files: what an NVIDIA box (or a big CPU machine) hands to a Mac -----------------------------------
+
+DEFAULT_PROMPTS = [
+    {"prompt": "Write a Python function that checks whether a string is a palindrome, with a docstring."},
+    {"prompt": "Explain in three sentences why the sky is blue."},
+    {"prompt": "What is 17 * 23? Show the working."},
+    {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name three primes."}]},
+]
+FULL_LOGITS_LIMIT = 1 << 24  # store a stage's logits whole up to this many numbers per prompt (64 MB), else top-k
+
+
+class ReferenceRunError(ValueError):
+    """Something the reference run cannot do, in one line with what to do about it."""
+
+
+def _device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU seen"
+        raise ReferenceRunError(
+            f"--device cuda: torch {torch.__version__} has no CUDA device here ({build}); install a CUDA build of "
+            "torch (https://pytorch.org/get-started) or use --device cpu"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ReferenceRunError(f"--device must be cpu or cuda, not {device!r}")
+    return device
+
+
+def prompt_ids(path: Path, prompts: list[dict] | None, vocab: int, window: int, seed: int) -> list[list[int]]:
+    """Token ids for each prompt, rendered as `mlx_diffgemma generate` renders them (the model's chat template).
+    A model without a tokenizer gets ids drawn from the shared noise (one prompt longer than its sliding window),
+    unless the prompts are given as ids."""
+    from .generate import render_prompt
+    from .loading import load_tokenizer
+
+    tok = load_tokenizer(path)
+    if prompts is None and tok is None:
+        lengths = [window + 5, 12]
+        return [
+            noise.tokens_np(noise.stream_key(seed, noise.INPUT_TOKENS, 99, n), (n,), vocab).tolist() for n in lengths
+        ]
+    out = []
+    for i, p in enumerate(prompts or DEFAULT_PROMPTS):
+        if "ids" in p:
+            ids = [int(t) for t in p["ids"]]
+        elif tok is None:
+            raise ReferenceRunError(f'{path} has no tokenizer: give prompt {i + 1} as token ids ({{"ids": [...]}})')
+        else:
+            ids = render_prompt(tok, p.get("messages") or p["prompt"])
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise ReferenceRunError(f"prompt {i + 1}: token ids must lie in [0, {vocab}) and not be empty")
+        out.append(ids)
+    return out
+
+
+def compact(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """(1, L, V) float32 logits -> their k largest values and ids (descending) and log-sum-exp per position: enough
+    for top-1 agreement and KL(reference || other) with the tail lumped into one outcome."""
+    x = logits[0]
+    ids = np.argpartition(-x, k - 1, axis=-1)[:, :k]
+    vals = np.take_along_axis(x, ids, axis=-1)
+    order = np.argsort(-vals, axis=-1, kind="stable")
+    ids, vals = np.take_along_axis(ids, order, -1), np.take_along_axis(vals, order, -1)
+    m = x.max(axis=-1, keepdims=True).astype(np.float64)
+    lse = (m[:, 0] + np.log(np.exp(x.astype(np.float64) - m).sum(axis=-1))).astype(np.float32)
+    return {"topk_values": vals[None], "topk_ids": ids[None].astype(np.int32), "lse": lse[None]}
+
+
+def record(
+    model: str | Path,
+    out: Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    prompts: list[dict] | None = None,
+    max_tokens: int | None = None,
+    seed: int = 0,
+    top_k: int = 64,
+    full_logits: bool | None = None,
+    force: bool = False,
+    log=lambda s: None,
+) -> dict[str, Any]:
+    """Run the fixed trajectory and a generation with shared noise for each prompt on transformers, and write them
+    with their inputs to `out` (one safetensors file, metadata header `mlx_diffgemma_reference`). Returns the
+    header."""
+    import datetime
+
+    from safetensors.numpy import save_file
+
+    from . import __version__
+    from .config import ModelConfig
+    from .files import check_output, replace_path, staging_file
+    from .loading import resolve_path, weight_files
+    from .parity import FORMAT, FORMAT_VERSION, META_KEY, Inputs, slug, trajectory
+
+    if dtype not in _TORCH_DTYPES:
+        raise ReferenceRunError(f"--dtype must be one of {', '.join(_TORCH_DTYPES)}, not {dtype!r}")
+    out = Path(out).expanduser()
+    path = resolve_path(model)
+    check_output(
+        out,
+        force=force,
+        ours=is_reference_file,
+        protect=[path, *weight_files(path)],
+        what="--out",
+        folder=False,
+        not_ours=" and is not a reference file",
+    )
+    config = ModelConfig.from_file(path / "config.json")
+    V, C, W = config.text_config.vocab_size, config.canvas_length, config.text_config.sliding_window
+    max_tokens = max_tokens or 2 * C
+    ids_list = prompt_ids(path, prompts, V, W, seed)
+    log(f"loading {path} with transformers ({dtype}, {_device(device)})")
+    rm = ReferenceModel(path, dtype, device)
+    tensors: dict[str, np.ndarray] = {}
+    entries = []
+    for i, ids in enumerate(ids_list):
+        s = (seed + 7919 * i) & 0xFFFFFFFF
+        inputs = noise.trajectory_inputs(s, V, C)
+        x = Inputs(prompt=np.array([ids], dtype=np.int64), **inputs)
+        rm.cache = rm.new_cache()
+        full = full_logits if full_logits is not None else (len(ids) + C) * V <= FULL_LOGITS_LIMIT
+        for stage, arrays in trajectory(rm, x).items():
+            for j, a in enumerate(arrays):
+                name = f"p{i}.{slug(stage)}.{j}"
+                if full:
+                    tensors[f"{name}.logits"] = a.astype(np.float32)
+                else:
+                    tensors.update({f"{name}.{k}": v for k, v in compact(a, top_k).items()})
+        tensors[f"p{i}.prompt"] = np.array(ids, dtype=np.int32)
+        tensors[f"p{i}.canvases"] = np.concatenate(inputs["canvases"]).astype(np.int32)
+        tensors[f"p{i}.blocks"] = np.concatenate(inputs["blocks"]).astype(np.int32)
+        log(f"prompt {i + 1}/{len(ids_list)}: {len(ids)} tokens, trajectory done; generating {max_tokens} tokens")
+        tokens, steps = rm.generate(ids, s, max_tokens)
+        tensors[f"p{i}.tokens"] = np.array(tokens, dtype=np.int32)
+        tensors[f"p{i}.steps"] = np.array(steps, dtype=np.int32)
+        entries.append({"noise_seed": s, "prompt_tokens": len(ids), "logits": "full" if full else "top-k"})
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "architecture": config.architecture(),
+        "model": str(model),
+        "dtype": dtype,
+        "device": device if device == "cpu" else f"cuda ({torch.cuda.get_device_name()})",
+        "versions": f"{versions()}, mlx-diffgemma {__version__}",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "noise": noise.KIND,
+        "top_k": top_k,
+        "max_tokens": max_tokens,
+        "generation": rm.settings(),
+        "prompts": entries,
+    }
+    tmp = staging_file(out)
+    try:
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(header)})
+        replace_path(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return header
+
+
+def is_reference_file(path: Path) -> bool:
+    """Whether `path` is a reference file (one this command may replace)."""
+    from .parity import read_header
+
+    try:
+        read_header(path)
+        return True
+    except (OSError, ValueError):
+        return False
