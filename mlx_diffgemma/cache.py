@@ -130,6 +130,42 @@ class PromptCache:
         return [c.context() for c in self.layers]
 
 
+def select_rows(cache: PromptCache, rows: list[int]) -> None:
+    """Keep only the given batch rows of every layer, in that order (finished rows leave a batch)."""
+    idx = mx.array(rows)
+    for c in cache.layers:
+        if c.keys is not None:
+            c.set_state(c.keys[idx], c.values[idx], c.offset)
+
+
+def _blank(layer: LayerCache) -> LayerCache:
+    return SlidingWindowCache(layer.keep + 1) if isinstance(layer, SlidingWindowCache) else FullAttentionCache()
+
+
+def join_rows(caches: list[PromptCache], starts: list[mx.array]) -> tuple[PromptCache, mx.array]:
+    """Stack batches whose caches hold different numbers of slots into one, left-padding the shorter ones with
+    zero K/V: a row's slots keep their order and end at the common last slot, so its positions are unchanged.
+    `starts[i]` (B_i,) are each batch's first real slots; returns the joined cache and its starts. Every cache
+    must hold at least one position."""
+    total = max(c.offset for c in caches)
+    layers = []
+    for per_layer in zip(*(c.layers for c in caches)):
+        contexts = [c.context() for c in per_layer]
+        width = max(kv[0].shape[2] for kv in contexts)
+        keys, values = [], []
+        for kv in contexts:
+            for out, a in ((keys, kv[0]), (values, kv[1])):
+                pad = width - a.shape[2]
+                out.append(
+                    mx.concatenate([mx.zeros((*a.shape[:2], pad, a.shape[3]), a.dtype), a], axis=2) if pad else a
+                )
+        layer = _blank(per_layer[0])
+        layer.set_state(mx.concatenate(keys), mx.concatenate(values), total)
+        layers.append(layer)
+    start = mx.concatenate([s + (total - c.offset) for c, s in zip(caches, starts)])
+    return PromptCache(layers), start
+
+
 def context_source(context: KV | None) -> KVSource:
     """A KV source that prepends fixed K/V to the new tokens' own (denoising; training, where gradients flow
     through `context`)."""

@@ -187,7 +187,16 @@ def _checked_settings(m, overrides: dict):
 @app.command()
 def generate(
     model: Model_,
-    prompt: Annotated[str, typer.Option("-p", "--prompt", help="The prompt ('-' reads stdin).")],
+    prompt: Annotated[
+        Optional[list[str]], typer.Option("-p", "--prompt", help="The prompt ('-' reads stdin); repeat for a batch.")
+    ] = None,
+    prompts_file: Annotated[
+        Optional[Path],
+        typer.Option("--prompts", help='A batch: JSON lines {"prompt": ...} or {"messages": [...]}; answers as JSONL.'),
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Prompts in flight at once (default: all).")
+    ] = None,
     max_tokens: MaxTokens = None,
     steps: Steps = None,
     entropy_bound: EntropyBound = None,
@@ -207,12 +216,31 @@ def generate(
     dtype: Dtype = None,
     debug: Debug = False,
 ) -> None:
-    """Generate text by block diffusion; on a terminal, watch each block's canvas settle."""
+    """Generate text by block diffusion; on a terminal, watch each block's canvas settle. Several -p, or --prompts
+    FILE, generate a batch and print one JSON line per answer as it finishes."""
     from .generate import stream_generate
 
     overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
     _check_flags(overrides, max_tokens, seed)
-    text = _prompt_text(prompt)
+    if batch_size is not None and batch_size < 1:
+        _fail("--batch-size must be at least 1", 2)
+    if not prompt and prompts_file is None:
+        _fail("give a prompt: -p TEXT (or -p - to read stdin), or --prompts FILE", 2)
+    if prompts_file is not None or len(prompt) > 1:
+        items = [_prompt_text(p) for p in prompt or []]
+        if prompts_file is not None:
+            items += _batch_prompts(prompts_file)
+        m, tok = _load(model, dtype)
+        _checked_settings(m, overrides)
+        try:
+            _run_batch(m, tok, items, max_tokens, system, think, raw, seed, batch_size, overrides)
+        except ValueError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            sys.stdout.flush()
+            raise typer.Exit(130) from None
+        return
+    text = _prompt_text(prompt[0])
     m, tok = _load(model, dtype)
     g = _checked_settings(m, overrides)
     try:
@@ -225,6 +253,53 @@ def generate(
     except KeyboardInterrupt:
         sys.stdout.flush()
         raise typer.Exit(130) from None
+
+
+def _batch_prompts(path: Path) -> list:
+    """--prompts: JSON lines, each {"prompt": TEXT} or {"messages": [...]}; blank lines skipped."""
+    import json
+
+    try:
+        lines = path.expanduser().read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        _fail(f"{e.strerror or e}: {path}")
+    except UnicodeDecodeError:
+        _fail(f"{path} is not UTF-8 text")
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            _fail(f"{path}:{n}: not valid JSON ({e})")
+        if isinstance(item, dict) and isinstance(item.get("prompt"), str) and item["prompt"].strip():
+            items.append(item["prompt"])
+        elif isinstance(item, dict) and isinstance(item.get("messages"), list) and item["messages"]:
+            items.append(item["messages"])
+        else:
+            _fail(f'{path}:{n}: each line is {{"prompt": "..."}} or {{"messages": [...]}}')
+    if not items:
+        _fail(f"{path} holds no prompts")
+    return items
+
+
+def _run_batch(m, tok, items, max_tokens, system, think, raw, seed, batch_size, overrides) -> None:
+    import json
+
+    from .generate import Done, stream_generate
+
+    events = stream_generate(
+        m, tok, items, max_tokens=max_tokens, system=system, enable_thinking=think, raw=raw, seed=seed,
+        batch_size=batch_size, **overrides,
+    )  # fmt: skip
+    for e in events:
+        if isinstance(e, Done):
+            out = {"index": e.row, "text": e.text, "finish_reason": e.finish_reason}
+            if e.thought:
+                out["thought"] = e.thought
+            out.update(tokens=e.generation_tokens, steps=e.denoising_steps)
+            typer.echo(json.dumps(out, ensure_ascii=False))
 
 
 @app.command()

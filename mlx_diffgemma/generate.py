@@ -30,6 +30,7 @@ class Step:
     step: int  # 1 on the block's first denoising step, counting up (at most max_denoising_steps)
     draft: mx.array  # (C,) the argmax canvas after this step (unevaluated until read)
     settled: mx.array  # (C,) bool: the positions the sampler accepted this step (the rest were renoised)
+    row: int = 0  # which prompt of a batch (0 for a single prompt)
 
     @property
     def accepted(self) -> int:
@@ -185,6 +186,7 @@ class Block:
     text: str
     thought: str
     steps: int
+    row: int = 0  # which prompt of a batch
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,12 @@ class Done:
     tokens_per_forward: float  # transformers' definition: tokens through the EOS / decoder forward passes
     peak_memory_gb: float
     eos: int | None = None  # the EOS token that ended the output (not part of the text)
+    row: int = 0  # which prompt of a batch
+
+
+def is_batch(prompt) -> bool:
+    """Whether `prompt` is several prompts: a list of strings, or of lists (messages or ids)."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(p, (str, list)) for p in prompt)
 
 
 def render_prompt(
@@ -283,28 +291,51 @@ def _token_id(tokenizer, token: str) -> int | None:
 def stream_generate(
     model: Model,
     tokenizer,
-    prompt: str | list[dict] | list[int],
+    prompt: str | list,
     *,
     max_tokens: int | None = None,
     system: str | None = None,
     enable_thinking: bool = False,
     raw: bool = False,
-    seed: int | None = None,
+    seed: int | list[int] | None = None,
     cache: PromptCache | None = None,
+    batch_size: int | None = None,
     **overrides,
 ) -> Iterator[Step | Block | Done]:
     """Generate text by block diffusion, yielding a `Step` per denoising step, a `Block` per committed block and
     one final `Done`. Settings default to the checkpoint's generation_config.json; keyword overrides use its names
     (max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, eos_token_id).
-    The same seed reproduces a run on the same machine."""
+    The same seed reproduces a run on the same machine.
+
+    A list of prompts (strings, message lists or id lists) is generated in one batch; each event's `row` says
+    whose it is, and each row gives what its prompt gives alone with its seed (`seed` + row, or a list of seeds).
+    `batch_size` caps the rows in flight: the next prompt joins as soon as a row finishes (at a block boundary)."""
     g = settings(model, **overrides)
     max_tokens = g.max_new_tokens if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or max_tokens <= 0:
         raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if seed is not None and (type(seed) is not int or seed < 0):
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    ids = render_prompt(tokenizer, prompt, system, enable_thinking, raw)
-    yield from _stream(model, tokenizer, ids, g, max_tokens, cache or model.make_cache(), seed)
+    batch = is_batch(prompt)
+    seeds = seed if batch and isinstance(seed, list) else [seed]
+    for s in seeds:
+        if s is not None and (type(s) is not int or s < 0):
+            raise ValueError(f"seed must be an integer >= 0, got {s!r}")
+    if not batch:
+        ids = render_prompt(tokenizer, prompt, system, enable_thinking, raw)
+        yield from _stream(model, tokenizer, ids, g, max_tokens, cache or model.make_cache(), seed)
+        return
+    if cache is not None:
+        raise ValueError("a batch of prompts takes no cache")
+    if isinstance(seed, list) and len(seed) != len(prompt):
+        raise ValueError(f"{len(prompt)} prompts and {len(seed)} seeds")
+    ids = [render_prompt(tokenizer, p, system, enable_thinking, raw) for p in prompt]
+    if isinstance(seed, list):
+        seeds = seed
+    else:
+        base = seed if seed is not None else time.time_ns() % 2**31
+        seeds = [base + i for i in range(len(ids))]
+    if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    yield from _stream_batch(model, tokenizer, ids, g, max_tokens, seeds, batch_size or len(ids))
 
 
 class ContextError(PromptError):
@@ -414,6 +445,54 @@ def _stream(model, tokenizer, ids, g, max_tokens, cache, seed, in_thought=None) 
             )
 
 
+def _stream_batch(model, tokenizer, ids_list, g, max_tokens, seeds, batch_size) -> Iterator[Step | Block | Done]:
+    """Several prompts in one batch (`batch.Batch`), at most `batch_size` at a time; events carry their prompt's
+    `row`."""
+    from .batch import Batch, Request
+
+    for ids in ids_list:  # every prompt checked before any work
+        check_ids(model, ids)
+        _check_context(model, model.make_cache(), len(ids), max_tokens)
+    batch = Batch(model)
+    queue = list(enumerate(zip(ids_list, seeds)))
+    streams = [_TextStream(tokenizer, _opens_thought(tokenizer, ids)) for ids in ids_list]
+    texts, thoughts = [[] for _ in ids_list], [[] for _ in ids_list]
+    counts = [[0, 0, 0] for _ in ids_list]  # tokens, generated (transformers' count), steps
+    mx.reset_peak_memory()
+    tic = time.perf_counter()
+    prompt_tokens = sum(len(i) for i in ids_list)
+    while queue or len(batch):
+        while queue and len(batch) < batch_size:
+            i, (ids, s) = queue.pop(0)
+            batch.add(Request(ids, g, max_tokens, mx.random.key(s), tag=i))
+        for i, event in batch.run_block():
+            if isinstance(event, Step):
+                yield dataclasses.replace(event, row=i)
+                continue
+            text, thought = streams[i].add(event.tokens, final=event.finished)
+            texts[i].append(text)
+            thoughts[i].append(thought)
+            c = counts[i]
+            c[0], c[1], c[2] = c[0] + len(event.tokens), c[1] + event.generated, c[2] + event.steps
+            yield Block(event.block, event.tokens, text, thought, event.steps, row=i)
+            if event.finished:
+                elapsed = time.perf_counter() - tic
+                yield Done(
+                    finish_reason=event.finish_reason,
+                    text="".join(texts[i]),
+                    thought="".join(thoughts[i]),
+                    prompt_tokens=len(ids_list[i]),
+                    prompt_tps=prompt_tokens / max(elapsed, 1e-9),
+                    generation_tokens=c[0],
+                    generation_tps=c[0] / max(elapsed, 1e-9),
+                    denoising_steps=c[2],
+                    tokens_per_forward=c[1] / max(c[2], 1),
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    eos=event.eos,
+                    row=i,
+                )
+
+
 def _opens_thought(tokenizer, ids: list[int]) -> bool:
     """Whether the prompt leaves the thought channel open (the model continues inside it)."""
     open_, close = _token_id(tokenizer, "<|channel>"), _token_id(tokenizer, "<channel|>")
@@ -421,12 +500,16 @@ def _opens_thought(tokenizer, ids: list[int]) -> bool:
     return last_open >= 0 and close not in ids[last_open:]
 
 
-def generate(model: Model, tokenizer, prompt: str | list[dict] | list[int], **kwargs) -> str:
-    """The answer text (the thought channel excluded); keyword arguments as for `stream_generate`."""
+def generate(model: Model, tokenizer, prompt: str | list, **kwargs) -> str | list[str]:
+    """The answer text (the thought channel excluded); for a list of prompts, the list of answers, generated in
+    one batch. Keyword arguments as for `stream_generate`."""
+    answers = {}
     for event in stream_generate(model, tokenizer, prompt, **kwargs):
         if isinstance(event, Done):
-            return event.text
-    raise AssertionError("stream_generate ended without Done")
+            answers[event.row] = event.text
+    if not is_batch(prompt):
+        return answers[0]
+    return [answers[i] for i in range(len(prompt))]
 
 
 if __name__ == "__main__":  # python -m mlx_diffgemma.generate, as mlx-lm users type it

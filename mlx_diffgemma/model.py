@@ -357,6 +357,24 @@ def attention_masks(cfg: TextConfig, offset: int, length: int, cached: dict[str,
     return masks
 
 
+def padding_masks(
+    masks: dict[str, Mask], offset: int, length: int, cached: dict[str, int], start: mx.array
+) -> dict[str, mx.array]:
+    """`masks` (from `attention_masks`, or None for bidirectional) for a batch of left-padded rows: a key in a
+    cache slot before its row's `start` is padding and is never attended to. Slots count alike in every row (the
+    rows' positions differ by their padding only), so the causal and sliding rules apply to slots unchanged.
+    Returns (B, 1, L | 1, S) bool masks."""
+    out = {}
+    for t, mask in masks.items():
+        n = cached[t]
+        keys = mx.arange(offset - n, offset + length)  # the slot of each key: the cached ones, then the new ones
+        valid = keys[None, :] >= start[:, None]  # (B, S)
+        if isinstance(mask, str):
+            mask = mx.arange(offset, offset + length)[:, None] >= keys[None, :]
+        out[t] = valid[:, None, None, :] if mask is None else valid[:, None, None, :] & mask[None, None]
+    return out
+
+
 class Model(nn.Module):
     """The DiffusionGemma text model.
 
@@ -439,15 +457,23 @@ class Model(nn.Module):
             h = layer(h, offset, source, masks.get(spec.layer_type), decoder)
         return self.norm(h)
 
-    def encode(self, ids: mx.array, cache: PromptCache) -> mx.array:
-        """Causal pass over new tokens ids (B, L); appends their K/V to `cache`; returns the normed hidden states
-        (B, L, H) (unevaluated: generation never pays for the last layer's feed-forward unless it reads them)."""
-        offset, L = cache.offset, ids.shape[1]
-        cached = {}
+    def _cached(self, cache: PromptCache) -> dict[str, int]:
+        cached: dict[str, int] = {}
         for spec, c in zip(self.args.layers, cache.layers):
             ctx = c.context()
             cached.setdefault(spec.layer_type, 0 if ctx is None else ctx[0].shape[2])
+        return cached
+
+    def encode(self, ids: mx.array, cache: PromptCache, start: mx.array | None = None) -> mx.array:
+        """Causal pass over new tokens ids (B, L); appends their K/V to `cache`; returns the normed hidden states
+        (B, L, H) (unevaluated: generation never pays for the last layer's feed-forward unless it reads them).
+        `start` (B,): for a batch of left-padded rows, each row's first real cache slot (its position 0)."""
+        offset, L = cache.offset, ids.shape[1]
+        cached = self._cached(cache)
         masks = attention_masks(self.args, offset, L, cached)
+        if start is not None:
+            masks = padding_masks(masks, offset, L, cached, start)
+            offset = offset - start
         return self.forward(self.embed(ids), offset, cache.writers(), masks, decoder=False)
 
     def denoise(
@@ -456,10 +482,11 @@ class Model(nn.Module):
         cache: PromptCache,
         self_conditioning_logits: mx.array | None = None,
         self_conditioning_probs: mx.array | None = None,
+        start: mx.array | None = None,
     ) -> mx.array:
         """Bidirectional pass over cache + canvas (B, C) -> float32 logits (B, C, V); the cache is unchanged. The
         self-conditioning signal is the previous step's logits (transformers' form), or their softmax when the
-        caller already has it (generation: the sampler computes it anyway)."""
+        caller already has it (generation: the sampler computes it anyway). `start` as for `encode`."""
         x = self.embed(canvas)
         if self_conditioning_probs is not None:
             soft = self.soft_embed_probs(self_conditioning_probs)
@@ -468,7 +495,12 @@ class Model(nn.Module):
         else:
             soft = None
         x = self.self_conditioning(x, soft)
-        h = self.forward(x, cache.offset, cache.readers(), {}, decoder=True)
+        offset, masks = cache.offset, {}
+        if start is not None:
+            cached = self._cached(cache)
+            masks = padding_masks(dict.fromkeys(cached), offset, canvas.shape[1], cached, start)
+            offset = offset - start
+        h = self.forward(x, offset, cache.readers(), masks, decoder=True)
         return self.logits(h)
 
     # ---- checkpoint names -------------------------------------------------------------------------------------

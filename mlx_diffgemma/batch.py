@@ -1,0 +1,235 @@
+"""Batched block diffusion: several prompts denoised together, each row with its own settings, noise, stopping and
+blocks, rows joining and leaving at block boundaries (continuous batching).
+
+A row gives what its prompt gives alone (`generate.generate_step` with the same key): its prompt is encoded on its
+own, then its cache is stacked with the others', left-padded with zero K/V that the masks hide (`model.padding_masks`;
+positions count from each row's first real slot, so RoPE sees the same positions as alone); each denoising step
+runs the model over all rows at once and then each row's sampler with the row's own key, exactly as alone. A row
+that has stopped denoising keeps its canvas while the others go on (as transformers does in a batch), and a row
+that has finished leaves the batch at the block's end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from . import sampling
+from .cache import PromptCache, join_rows, select_rows
+from .config import GenerationConfig
+from .generate import Commit, Step, _check_context, check_ids, prefill
+from .model import Model
+
+
+@dataclass
+class Request:
+    """One prompt of a batch: ids, its settings, its token budget, the key of its randomness, a caller's tag."""
+
+    ids: list[int]
+    g: GenerationConfig
+    max_tokens: int
+    key: mx.array
+    tag: Any = None
+
+
+@dataclass
+class _Row:
+    req: Request
+    key: mx.array
+    produced: int = 0
+    block: int = 0
+    pending: mx.array | None = None  # the committed block still to encode (1, C)
+    # per block:
+    canvas: mx.array | None = None
+    argmax: mx.array | None = None
+    history: mx.array | None = None
+    countdown: int = 0
+    steps: int = 0
+    stopped: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+@mx.compile
+def _scores(logits: mx.array, temps: mx.array, bounds: mx.array):
+    """The batched, row-independent part of a step: temperature, one softmax/entropy pass, argmax, acceptance."""
+    processed = logits / temps  # (B, C, V) / (B, 1, 1)
+    probs, h = sampling.softmax_entropy(processed)
+    argmax = processed.argmax(axis=-1).astype(mx.int32)
+    mask = sampling.accept_mask(processed, bounds, h)  # bounds (B, 1)
+    return processed, probs, h, argmax, mask
+
+
+def _temperature(r: _Row) -> float:
+    g = r.req.g
+    return sampling.temperature(max(r.countdown, 1), g.t_min, g.t_max, g.max_denoising_steps)
+
+
+class Batch:
+    """Rows being generated together. `add` queues a request; each `run_block` admits the queued ones, denoises
+    one block for every row and yields `(tag, event)` for each row's `Step`s and `Commit`; rows that finish leave."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.rows: list[_Row] = []
+        self.waiting: list[_Row] = []
+        self.cache: PromptCache | None = None
+        self.start: list[int] = []  # each row's first real cache slot
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.waiting)
+
+    def add(self, req: Request) -> None:
+        """Queue a request (validated now: ids, context, memory); it joins at the next block boundary."""
+        if not req.ids:
+            raise ValueError("the prompt is empty")
+        check_ids(self.model, req.ids)
+        _check_context(self.model, self.model.make_cache(), len(req.ids), req.max_tokens)
+        self.waiting.append(_Row(req, req.key))
+
+    def cancel(self, tag: Any) -> None:
+        """Drop a request (a client went away): now if it waits, before the next block if it runs (the block
+        under way finishes; its events still come)."""
+        self.waiting = [r for r in self.waiting if r.req.tag != tag]
+        for r in self.rows:
+            if r.req.tag == tag:
+                r.extra["cancelled"] = True
+
+    def _starts(self) -> mx.array | None:
+        return None if not any(self.start) else mx.array(self.start)
+
+    def _admit(self) -> None:
+        """Encode what the running rows committed, then stack the new rows' caches (each prompt encoded alone)."""
+        model, C = self.model, self.model.canvas_length
+        if self.rows:
+            ids = mx.concatenate([r.pending for r in self.rows])
+            for start in range(0, C, 512):  # as `prefill` does
+                if start:
+                    self.cache.materialize()
+                model.encode(ids[:, start : start + 512], self.cache, self._starts())
+            for r in self.rows:
+                r.pending = None
+        if not self.waiting:
+            return
+        caches, starts = ([self.cache], [mx.array(self.start)]) if self.rows else ([], [])
+        for r in self.waiting:
+            cache = model.make_cache()
+            prefill(model, mx.array([r.req.ids]), cache)
+            cache.materialize()
+            caches.append(cache)
+            starts.append(mx.array([0]))
+        self.cache, start = join_rows(caches, starts)
+        self.start = start.tolist()
+        self.rows += self.waiting
+        self.waiting = []
+
+    def run_block(self) -> Iterator[tuple[Any, Step | Commit]]:
+        keep = [i for i, r in enumerate(self.rows) if not r.extra.get("cancelled")]
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+        self._admit()
+        if not self.rows:
+            return
+        model, C, V = self.model, self.model.canvas_length, self.model.args.vocab_size
+        for r in self.rows:
+            r.key, k_init = mx.random.split(r.key)
+            r.canvas = sampling.random_canvas((1, C), V, key=k_init)
+            r.argmax = r.canvas
+            r.history = sampling.new_history(r.req.g.stability_threshold, 1, C)
+            r.countdown, r.steps, r.stopped = r.req.g.max_denoising_steps, 0, False
+        bounds = mx.array([[r.req.g.entropy_bound] for r in self.rows], dtype=mx.float32)
+        start = self._starts()
+        sc = None
+        while not all(r.stopped for r in self.rows):
+            canvas = mx.concatenate([r.canvas for r in self.rows])
+            logits = model.denoise(canvas, self.cache, self_conditioning_probs=sc, start=start)
+            temps = mx.array([[[_temperature(r)]] for r in self.rows], dtype=mx.float32)
+            processed, probs, h, argmax, mask = _scores(logits, temps, bounds)
+            stops = []
+            for b, r in enumerate(self.rows):
+                if r.stopped:
+                    continue
+                g = r.req.g
+                r.key, k_step = mx.random.split(r.key)
+                k_sample, k_noise = mx.random.split(k_step)
+                sampled = sampling.sample(processed[b : b + 1], key=k_sample).astype(mx.int32)
+                noise = sampling.random_canvas((1, C), V, key=k_noise)
+                m = mask[b : b + 1]
+                r.canvas = sampling.renoise(sampling.accept(r.canvas, sampled, m), m, noise)
+                r.argmax = argmax[b : b + 1]
+                stop, r.history = sampling.stop_criterion(
+                    r.history, r.argmax, processed[b : b + 1], g.confidence_threshold, h[b : b + 1]
+                )
+                r.steps += 1
+                r.countdown -= 1
+                stops.append((r, stop.all()))
+            if sc is None:
+                sc = probs
+            else:  # a row that has stopped keeps its last probabilities (its outputs no longer change)
+                live = mx.array([not r.stopped for r in self.rows])[:, None, None]
+                sc = mx.where(live, probs, sc)
+            mx.async_eval(sc, *[r.canvas for r, _ in stops], *[s for _, s in stops])
+            for b, r in enumerate(self.rows):
+                if not r.stopped:
+                    yield r.req.tag, Step(r.block, r.steps, r.argmax[0], mask[b])
+            for r, stop in stops:
+                r.stopped = bool(stop.item()) or r.countdown == 0
+        yield from self._commit()
+
+    def _commit(self) -> Iterator[tuple[Any, Commit]]:
+        C, keep_rows = self.model.canvas_length, []
+        for i, r in enumerate(self.rows):
+            req, eos = r.req, set(r.req.g.eos_token_id)
+            tokens = r.argmax[0].tolist()
+            hits = [j for j, t in enumerate(tokens) if t in eos]
+            cut = hits[0] if hits else C
+            keep = min(cut, req.max_tokens - r.produced)
+            r.produced += keep
+            reason = "eos" if hits and keep == cut else "length" if r.produced >= req.max_tokens else None
+            eos_token = tokens[cut] if reason == "eos" else None
+            yield req.tag, Commit(r.block, tokens[:keep], r.steps, reason is not None, reason, eos_token,
+                                  cut + 1 if hits else C)  # fmt: skip
+            r.block += 1
+            if reason is None:
+                r.pending = r.argmax
+                keep_rows.append(i)
+        if len(keep_rows) < len(self.rows):
+            self._keep(keep_rows)
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only these rows (the others leave the batch), and drop the padding no row needs any more."""
+        self.rows = [self.rows[i] for i in rows]
+        if not self.rows:
+            self.cache, self.start = None, []
+            return
+        select_rows(self.cache, rows)
+        self.start = [self.start[i] for i in rows]
+        if min(self.start):
+            self._trim(min(self.start))
+
+    def _trim(self, n: int) -> None:
+        """Remove the first n slots (padding in every row) from the full layers' caches."""
+        for c in self.cache.layers:
+            ctx = c.context()
+            if hasattr(c, "keep") or ctx is None:
+                continue  # sliding windows keep a fixed number of slots
+            c.set_state(ctx[0][:, :, n:], ctx[1][:, :, n:], c.offset)
+        # slots are renumbered from the full layers' first kept slot; sliding layers count from the end, so only
+        # the starts and the offset move
+        for c in self.cache.layers:
+            c.offset -= n
+        self.start = [s - n for s in self.start]
+
+
+def generate_batch(
+    model: Model,
+    requests: list[Request],
+) -> Iterator[tuple[Any, Step | Commit]]:
+    """Generate every request together (one batch, no later joins); yields (tag, event) in step order."""
+    batch = Batch(model)
+    for r in requests:
+        batch.add(r)
+    while len(batch):
+        yield from batch.run_block()
