@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import sampling
-from .cache import PromptCache, join_rows, select_rows
+from .cache import FullAttentionCache, PromptCache, join_rows, select_rows
 from .config import GenerationConfig
 from .generate import Commit, Step, _check_context, check_ids, prefill
 from .model import Model
@@ -33,6 +33,7 @@ class Request:
     max_tokens: int
     key: mx.array
     tag: Any = None
+    head: int = 0  # the first `head` ids are shareable (a system prompt, a conversation so far): see PrefixCache
 
 
 @dataclass
@@ -50,6 +51,44 @@ class _Row:
     steps: int = 0
     stopped: bool = False
     extra: dict = field(default_factory=dict)
+
+
+class PrefixCache:
+    """Encoded prompt heads shared across requests: the cache after a system prompt or a conversation's earlier
+    turns, so that the next request starting with the same tokens encodes only the rest. MLX arrays are values
+    (encoding more returns new arrays), so a stored cache is reused without copying. Least recently used entries
+    go first beyond `entries` or `max_bytes`."""
+
+    def __init__(self, entries: int = 16, max_bytes: int = 2 * 2**30):
+        self.entries, self.max_bytes = entries, max_bytes
+        self.store: dict[tuple[int, ...], list[tuple]] = {}
+        self.hits = self.misses = 0
+
+    def _bytes(self, state: list[tuple]) -> int:
+        return sum(k.nbytes + v.nbytes for k, v, _ in state if k is not None)
+
+    def lookup(self, ids: list[int]) -> tuple[int, list[tuple] | None]:
+        """The longest stored head that `ids` starts with (a proper prefix), as (length, cache state)."""
+        best: tuple[int, ...] = ()
+        for head in self.store:
+            if len(best) < len(head) < len(ids) and tuple(ids[: len(head)]) == head:
+                best = head
+        if not best:
+            self.misses += 1
+            return 0, None
+        self.hits += 1
+        state = self.store.pop(best)
+        self.store[best] = state  # most recently used last
+        return len(best), state
+
+    def put(self, ids: list[int], cache: PromptCache) -> None:
+        key = tuple(ids)
+        self.store.pop(key, None)
+        self.store[key] = [(c.keys, c.values, c.offset) for c in cache.layers]
+        while len(self.store) > self.entries or (
+            len(self.store) > 1 and sum(map(self._bytes, self.store.values())) > self.max_bytes
+        ):
+            self.store.pop(next(iter(self.store)))
 
 
 @mx.compile
@@ -71,8 +110,9 @@ class Batch:
     """Rows being generated together. `add` queues a request; each `run_block` admits the queued ones, denoises
     one block for every row and yields `(tag, event)` for each row's `Step`s and `Commit`; rows that finish leave."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, prefix_cache: PrefixCache | None = None):
         self.model = model
+        self.prefix_cache = prefix_cache
         self.rows: list[_Row] = []
         self.waiting: list[_Row] = []
         self.cache: PromptCache | None = None
@@ -115,15 +155,33 @@ class Batch:
             return
         caches, starts = ([self.cache], [mx.array(self.start)]) if self.rows else ([], [])
         for r in self.waiting:
-            cache = model.make_cache()
-            prefill(model, mx.array([r.req.ids]), cache)
-            cache.materialize()
+            cache = self._prompt_cache(r.req)
             caches.append(cache)
             starts.append(mx.array([0]))
         self.cache, start = join_rows(caches, starts)
         self.start = start.tolist()
         self.rows += self.waiting
         self.waiting = []
+
+    def _prompt_cache(self, req: Request) -> PromptCache:
+        """The request's prompt encoded alone, from a stored head where one matches (and its own head stored)."""
+        model, ids, pc = self.model, req.ids, self.prefix_cache
+        cache, done = model.make_cache(), 0
+        if pc is not None:
+            done, state = pc.lookup(ids)
+            if state is not None:
+                for layer, (k, v, offset) in zip(cache.layers, state):
+                    if isinstance(layer, FullAttentionCache) and k is not None:  # its own copy of the slots used
+                        k, v = k[..., :offset, :], v[..., :offset, :]
+                    layer.set_state(k, v, offset)
+            if done < req.head < len(ids):
+                prefill(model, mx.array([ids[done : req.head]]), cache)
+                cache.materialize()
+                pc.put(ids[: req.head], cache)
+                done = req.head
+        prefill(model, mx.array([ids[done:]]), cache)
+        cache.materialize()
+        return cache
 
     def run_block(self) -> Iterator[tuple[Any, Step | Commit]]:
         keep = [i for i, r in enumerate(self.rows) if not r.extra.get("cancelled")]

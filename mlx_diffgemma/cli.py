@@ -620,6 +620,46 @@ def export(
 
 
 @app.command()
+def serve(
+    model: Model_,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0 exposes it to the network).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option("--port", help="Port.")] = 8080,
+    name: Annotated[
+        Optional[str], typer.Option("--name", help="The model's name in the API (default: the folder's).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests generated together.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests waiting before 429.")] = 64,
+    max_tokens_limit: Annotated[
+        int, typer.Option("--max-tokens-limit", help="Most tokens one request may ask for.")
+    ] = 4096,
+    max_body: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body.")] = 4 * 2**20,
+    dtype: Dtype = None,
+    debug: Debug = False,
+) -> None:
+    """Serve the model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models), with
+    requests batched together."""
+    from .loading import LoadError
+    from .server import Limits
+    from .server import serve as run_server
+
+    for flag, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-tokens-limit",
+                        max_tokens_limit), ("--max-body-bytes", max_body), ("--port", port)):  # fmt: skip
+        if value < 1:
+            _fail(f"{flag} must be at least 1", 2)
+    limits = Limits(max_tokens=max_tokens_limit, max_body_bytes=max_body, max_queue=max_queue, max_batch=max_batch)
+    where = f"http://{host}:{port}/v1"
+    typer.echo(f"serving {model} at {where} (Ctrl-C stops)", err=True)
+    try:
+        run_server(model, host=host, port=port, name=name, limits=limits, dtype=dtype)
+    except LoadError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
+
+
+@app.command()
 def convert(
     hf_path: Annotated[str, typer.Option("--hf-path", help="Hugging Face folder or repo id (downloaded if needed).")],
     mlx_path: Annotated[Optional[Path], typer.Option("--mlx-path", help="Output folder.")] = None,
