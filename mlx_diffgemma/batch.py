@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import sampling
-from .cache import FullAttentionCache, PromptCache, join_rows, select_rows
+from .cache import FullAttentionCache, PromptCache, join_rows, select_rows, subset
 from .config import GenerationConfig
 from .generate import Commit, Step, _check_context, check_ids, prefill
 from .model import Model
@@ -197,42 +197,44 @@ class Batch:
             r.argmax = r.canvas
             r.history = sampling.new_history(r.req.g.stability_threshold, 1, C)
             r.countdown, r.steps, r.stopped = r.req.g.max_denoising_steps, 0, False
-        bounds = mx.array([[r.req.g.entropy_bound] for r in self.rows], dtype=mx.float32)
-        start = self._starts()
-        sc = None
-        while not all(r.stopped for r in self.rows):
-            canvas = mx.concatenate([r.canvas for r in self.rows])
-            logits = model.denoise(canvas, self.cache, self_conditioning_probs=sc, start=start)
-            temps = mx.array([[[_temperature(r)]] for r in self.rows], dtype=mx.float32)
-            processed, probs, h, argmax, mask = _scores(logits, temps, bounds)
+        # Each pass runs the rows still denoising; when some stop, the next passes take the others only (their
+        # cache rows copied once per change of the set), so a batch costs what its live rows cost.
+        cur, cache, start, sc = list(range(len(self.rows))), self.cache, self._starts(), None
+        while True:
+            live = [b for b, r in enumerate(self.rows) if not r.stopped]
+            if not live:
+                break
+            if live != cur:
+                if sc is not None:
+                    sc = sc[mx.array([cur.index(b) for b in live])]
+                cache = subset(self.cache, live)
+                start = mx.array([self.start[b] for b in live]) if any(self.start[b] for b in live) else None
+                cur = live
+            rows = [self.rows[b] for b in cur]
+            canvas = mx.concatenate([r.canvas for r in rows])
+            logits = model.denoise(canvas, cache, self_conditioning_probs=sc, start=start)
+            temps = mx.array([[[_temperature(r)]] for r in rows], dtype=mx.float32)
+            bounds = mx.array([[r.req.g.entropy_bound] for r in rows], dtype=mx.float32)
+            processed, sc, h, argmax, mask = _scores(logits, temps, bounds)
             stops = []
-            for b, r in enumerate(self.rows):
-                if r.stopped:
-                    continue
-                g = r.req.g
+            for j, r in enumerate(rows):
                 r.key, k_step = mx.random.split(r.key)
                 k_sample, k_noise = mx.random.split(k_step)
-                sampled = sampling.sample(processed[b : b + 1], key=k_sample).astype(mx.int32)
+                sampled = sampling.sample(processed[j : j + 1], key=k_sample).astype(mx.int32)
                 noise = sampling.random_canvas((1, C), V, key=k_noise)
-                m = mask[b : b + 1]
+                m = mask[j : j + 1]
                 r.canvas = sampling.renoise(sampling.accept(r.canvas, sampled, m), m, noise)
-                r.argmax = argmax[b : b + 1]
+                r.argmax = argmax[j : j + 1]
                 stop, r.history = sampling.stop_criterion(
-                    r.history, r.argmax, processed[b : b + 1], g.confidence_threshold, h[b : b + 1]
+                    r.history, r.argmax, processed[j : j + 1], r.req.g.confidence_threshold, h[j : j + 1]
                 )
                 r.steps += 1
                 r.countdown -= 1
-                stops.append((r, stop.all()))
-            if sc is None:
-                sc = probs
-            else:  # a row that has stopped keeps its last probabilities (its outputs no longer change)
-                live = mx.array([not r.stopped for r in self.rows])[:, None, None]
-                sc = mx.where(live, probs, sc)
-            mx.async_eval(sc, *[r.canvas for r, _ in stops], *[s for _, s in stops])
-            for b, r in enumerate(self.rows):
-                if not r.stopped:
-                    yield r.req.tag, Step(r.block, r.steps, r.argmax[0], mask[b])
-            for r, stop in stops:
+                stops.append(stop.all())
+            mx.async_eval(sc, *[r.canvas for r in rows], *stops)
+            for j, r in enumerate(rows):
+                yield r.req.tag, Step(r.block, r.steps, r.argmax[0], mask[j])
+            for r, stop in zip(rows, stops):
                 r.stopped = bool(stop.item()) or r.countdown == 0
         yield from self._commit()
 

@@ -138,6 +138,19 @@ def select_rows(cache: PromptCache, rows: list[int]) -> None:
             c.set_state(c.keys[idx], c.values[idx], c.offset)
 
 
+def subset(cache: PromptCache, rows: list[int]) -> PromptCache:
+    """A new cache holding only the given batch rows (copies of their slots; `cache` is unchanged)."""
+    idx = mx.array(rows)
+    layers = []
+    for c in cache.layers:
+        layer, ctx = _blank(c), c.context()
+        if ctx is not None:
+            layer.set_state(ctx[0][idx], ctx[1][idx], c.offset)
+        layer.offset = c.offset
+        layers.append(layer)
+    return PromptCache(layers)
+
+
 def _blank(layer: LayerCache) -> LayerCache:
     return SlidingWindowCache(layer.keep + 1) if isinstance(layer, SlidingWindowCache) else FullAttentionCache()
 

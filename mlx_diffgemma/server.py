@@ -226,6 +226,7 @@ class Engine:
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.cancels: queue.Queue[str] = queue.Queue()
         self.jobs: dict[str, Job] = {}
+        self.cancelled: dict[str, None] = {}  # cancelled before the engine took them from the inbox
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="mlx-diffgemma-engine", daemon=True)
 
@@ -263,18 +264,24 @@ class Engine:
                     waiting.append(self.inbox.get_nowait())
                 except queue.Empty:
                     break
+            while not self.cancels.empty():
+                tag = self.cancels.get_nowait()
+                batch.cancel(tag)
+                if self.jobs.pop(tag, None) is None:
+                    self.cancelled[tag] = None
+                    while len(self.cancelled) > 10_000:  # tags of jobs that had already ended
+                        self.cancelled.pop(next(iter(self.cancelled)))
             for job in waiting:
                 if job is None:
+                    continue
+                if job.tag in self.cancelled:  # its client left while it waited
+                    del self.cancelled[job.tag]
                     continue
                 try:
                     batch.add(Request(job.ids, job.g, job.max_tokens, mx.random.key(job.seed), job.tag, job.head))
                     self.jobs[job.tag] = job
                 except (PromptError, ValueError) as e:
                     self._post(job, "error", APIError(400, str(e), code=_code(e)))
-            while not self.cancels.empty():
-                tag = self.cancels.get_nowait()
-                batch.cancel(tag)
-                self.jobs.pop(tag, None)
             if not len(batch):
                 continue
             try:
