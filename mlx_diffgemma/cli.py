@@ -649,10 +649,18 @@ def serve(
         if value < 1:
             _fail(f"{flag} must be at least 1", 2)
     limits = Limits(max_tokens=max_tokens_limit, max_body_bytes=max_body, max_queue=max_queue, max_batch=max_batch)
-    where = f"http://{host}:{port}/v1"
-    typer.echo(f"serving {model} at {where} (Ctrl-C stops)", err=True)
+    import socket
+
+    try:  # say so now rather than after loading the model
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        _fail(f"cannot listen on {host}:{port}: {e.strerror or e}")
     try:
-        run_server(model, host=host, port=port, name=name, limits=limits, dtype=dtype)
+        run_server(
+            model, host=host, port=port, name=name, limits=limits, dtype=dtype,
+            ready=lambda: typer.echo(f"serving {model} at http://{host}:{port}/v1 (Ctrl-C stops)", err=True),
+        )  # fmt: skip
     except LoadError as e:
         _fail(str(e))
     except OSError as e:

@@ -772,8 +772,9 @@ def create_app(service: Service):
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, name: str | None = None,
-          limits: Limits | None = None, dtype: str | None = None, log_level: str = "warning") -> None:  # fmt: skip
-    """Load the model and serve it until interrupted."""
+          limits: Limits | None = None, dtype: str | None = None, log_level: str = "warning",
+          ready=None) -> None:  # fmt: skip
+    """Load the model and serve it until interrupted; `ready()` is called once the model is loaded."""
     import uvicorn
 
     from .loading import LoadError, load
@@ -784,4 +785,6 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, name: str 
     from pathlib import Path
 
     service = Service(model, tok, name or Path(str(model_path).rstrip("/")).name, limits or Limits())
+    if ready is not None:
+        ready()
     uvicorn.run(create_app(service), host=host, port=port, log_level=log_level)

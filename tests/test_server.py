@@ -165,7 +165,9 @@ def test_errors_in_openai_shape(demo_server):
     status, body = request("POST", s.base, "/v1/chat/completions", b"{not json")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert request("POST", s.base, "/v1/chat/completions", b"x" * 30_000)[0] == 413
-    status, body = request("POST", s.base, "/v1/chat/completions", json.dumps({"model": "demo", "messages": []}).encode())
+    status, body = request(
+        "POST", s.base, "/v1/chat/completions", json.dumps({"model": "demo", "messages": []}).encode()
+    )
     assert status == 400 and body["error"]["param"] == "messages"
     assert chat(s, "Sort: 2 1", seed=0).choices[0].message.content  # still serving
 
@@ -257,3 +259,25 @@ def test_the_answer_filter_on_split_markers():
     assert s.stopped
     with pytest.raises(ValueError):
         parse_tool_call("call:f{a:")
+
+
+def test_a_full_queue_is_refused_with_429(demo):
+    from mlx_diffgemma.server import APIError, Engine, Job
+
+    engine = Engine(demo[0], max_batch=1, max_queue=2)  # not started: nothing takes jobs off the queue
+    job = Job("t", [2, 3], None, 16, 0, 0, None)
+    engine.submit(job)
+    engine.submit(job)
+    with pytest.raises(APIError) as e:
+        engine.submit(job)
+    assert e.value.status == 429 and e.value.body()["error"]["type"] == "rate_limit_error"
+
+
+def test_serve_refuses_a_busy_port_in_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "mlx_diffgemma", "serve", "--model", "demo", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: cannot listen") and "Traceback" not in r.stderr
