@@ -13,7 +13,7 @@ else
 endif
 
 DEMO_PROMPT ?= Write a Python function area(x, u) that returns x * u.
-.PHONY: setup runtime openblas test parity demo lint
+.PHONY: setup runtime openblas clang test parity demo lint
 setup: $(VENV)/.installed openblas
 runtime: $(VENV)/.runtime openblas
 
@@ -35,7 +35,14 @@ ifeq ($(UNAME),Linux)
 	  || echo "note: libopenblas0-pthread not installed (needs root); MLX uses its slow bundled BLAS"; }
 endif
 
-test: setup
+# the tests syntax-check the Metal kernels with clang++ (macOS has it; on Linux it is installed when missing)
+clang:
+ifeq ($(UNAME),Linux)
+	@command -v clang++ >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq clang >/dev/null) \
+	  || echo "note: clang++ not installed (needs root): the Metal syntax-check test will fail"; }
+endif
+
+test: setup clang
 	@$(RUN_ENV) $(PY) -m pytest -q tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

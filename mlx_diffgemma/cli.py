@@ -668,6 +668,24 @@ def serve(
 
 
 @app.command()
+def selfcheck(debug: Debug = False) -> None:
+    """Check each custom kernel against its pure-MLX reference on this machine's GPU (Metal on a Mac, MLX's CUDA
+    build on NVIDIA): pass or fail and speed-up per shape. The verdict is remembered; kernels run only where it
+    passed."""
+    from . import kernels
+
+    try:
+        verdict = kernels.selfcheck(log=typer.echo)
+    except RuntimeError as e:
+        _fail(str(e))
+    failed = [k for k, r in verdict.items() if not r["passed"]]
+    typer.echo(f"verdict saved to {kernels._verdict_file()}: " + (f"FAILED {', '.join(failed)} (the reference "
+               "is used for those)" if failed else "every kernel passed and will be used"))  # fmt: skip
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def convert(
     hf_path: Annotated[str, typer.Option("--hf-path", help="Hugging Face folder or repo id (downloaded if needed).")],
     mlx_path: Annotated[Optional[Path], typer.Option("--mlx-path", help="Output folder.")] = None,

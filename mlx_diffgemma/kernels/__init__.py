@@ -1,0 +1,158 @@
+"""Custom kernels, one op per file (its kernel body in the dialect of `dialect.py` and its pure-MLX reference with
+the same signature), and the dispatcher that picks for each call: the Metal kernel on a Mac's GPU, the CUDA
+kernel on MLX's CUDA build, or the reference (on the CPU, when MLX_DIFFGEMMA_KERNELS=0, or where the kernel's
+self-check on this machine failed or has not passed). A kernel is trusted on a machine only after `selfcheck`
+compared it with its reference there; the verdict is kept per machine and MLX version.
+
+Ops: `vocab_pass` (`vocab.py`: the sampler's pass over the vocabulary in one read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import vocab as _vp
+from .dialect import cuda_body, metal_body
+
+OPS = {"vocab_pass": _vp}
+_KERNELS: dict[tuple[str, str], object] = {}
+_VERDICTS: dict[str, bool] | None = None
+_SAID: set[str] = set()
+
+
+def enabled() -> bool:
+    return os.environ.get("MLX_DIFFGEMMA_KERNELS", "1") != "0"
+
+
+def target() -> str:
+    """Where kernels would run now: "metal", "cuda", or "reference"."""
+    if not enabled() or mx.default_device() != mx.gpu:
+        return "reference"
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "reference"
+
+
+def _verdict_file() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlx-diffgemma"
+    return root / f"selfcheck-{target()}-mlx{mx.__version__}.json"
+
+
+def verdicts() -> dict[str, bool]:
+    """This machine's self-check verdicts for the current target (empty when none was run)."""
+    global _VERDICTS
+    if _VERDICTS is None:
+        try:
+            _VERDICTS = {k: bool(v["passed"]) for k, v in json.loads(_verdict_file().read_text()).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            _VERDICTS = {}
+    return _VERDICTS
+
+
+def _gpu_kernel(op: str):
+    """The compiled MLX kernel object for `op` on the current target."""
+    key = (op, target())
+    if key not in _KERNELS:
+        spec = OPS[op].SPEC
+        names = ([n for n, _ in spec.inputs], [n for n, _ in spec.outputs])
+        if target() == "metal":
+            header, source = metal_body(spec)
+            _KERNELS[key] = mx.fast.metal_kernel(spec.name, *names, source=source, header=header)
+        else:
+            header, source = cuda_body(spec)
+            _KERNELS[key] = mx.fast.cuda_kernel(spec.name, *names, source=source, header=header)
+    return _KERNELS[key]
+
+
+def vocab_pass_kernel(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float):
+    """`vocab_pass.reference` computed by the GPU kernel of the current target."""
+    N, V = logits.shape
+    T = _vp.GROUP_THREADS
+    params = mx.array([cap], dtype=mx.float32)
+    stats, ids = _gpu_kernel("vocab_pass")(
+        inputs=[logits.astype(mx.float32), temps.astype(mx.float32), uniforms.astype(mx.float32), params],
+        template=[("V", V), ("GROUP_THREADS", T)],
+        grid=(N * T, 1, 1),
+        threadgroup=(T, 1, 1),
+        output_shapes=[(N, 3), (N, 2)],
+        output_dtypes=[mx.float32, mx.int32],
+    )
+    return stats, ids
+
+
+def use_kernel(op: str) -> bool:
+    """Whether `op` runs as a kernel here: a GPU target, kernels on, and this machine's self-check passed (one
+    line on stderr, once, when it does not)."""
+    t = target()
+    if t == "reference":
+        return False
+    ok = verdicts().get(op)
+    if not ok and op not in _SAID:
+        _SAID.add(op)
+        why = "failed its self-check" if ok is False else "has not been self-checked"
+        print(f"note: the {t} kernel for {op} {why} on this machine; using the reference "
+              "(run `mlx_diffgemma selfcheck`)", file=sys.stderr)  # fmt: skip
+    return bool(ok)
+
+
+def vocab_pass(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float):
+    """(stats (N, 3): max, log-sum-exp, entropy; ids (N, 2): argmax, Gumbel-max sample) of softcapped,
+    temperature-scaled logits; the kernel where it is trusted, else the reference."""
+    if use_kernel("vocab_pass"):
+        return vocab_pass_kernel(logits, temps, uniforms, cap)
+    return _vp.reference(logits, temps, uniforms, cap)
+
+
+def selfcheck(shapes: list[tuple[int, int]] | None = None, log=print) -> dict[str, dict]:
+    """Run every kernel against its reference on representative shapes on this machine's target, time both,
+    record the verdicts (used by the dispatcher from then on) and return them."""
+    global _VERDICTS
+    t = target()
+    if t == "reference":
+        raise RuntimeError(
+            "no GPU kernel target here (a Mac's Metal or MLX's CUDA build is needed; kernels are "
+            + ("turned off by MLX_DIFFGEMMA_KERNELS=0)" if not enabled() else "not used on the CPU)")
+        )
+    shapes = shapes or [(256, 262_144), (64, 32_768), (3, 1000), (1, 4099)]
+    rng = np.random.default_rng(0)
+    results, passed = [], True
+    for N, V in shapes:
+        logits = mx.array((rng.standard_normal((N, V)) * 8).astype(np.float32))
+        temps = mx.array(rng.uniform(0.4, 0.8, N).astype(np.float32))
+        u = mx.array(rng.uniform(1e-7, 1, (N, V)).astype(np.float32))
+        timings = {}
+        outs = {}
+        for name, fn in (("kernel", vocab_pass_kernel), ("reference", _vp.reference)):
+            mx.eval(fn(logits, temps, u, 30.0))  # compile, warm
+            tic = time.perf_counter()
+            for _ in range(3):
+                outs[name] = fn(logits, temps, u, 30.0)
+                mx.eval(outs[name])
+            timings[name] = (time.perf_counter() - tic) / 3
+        (ks, ki), (rs, ri) = outs["kernel"], outs["reference"]
+        err = float(mx.abs(ks - rs).max())
+        same_ids = bool(mx.array_equal(ki, ri))
+        ok = err < 1e-3 and same_ids
+        passed &= ok
+        results.append({"N": N, "V": V, "max_abs": err, "ids_equal": same_ids, "speedup":
+                        timings["reference"] / timings["kernel"]})  # fmt: skip
+        speedup = timings["reference"] / timings["kernel"]
+        log(f"vocab_pass {N}x{V}: {'pass' if ok else 'FAIL'} (stats within {err:.1e}, ids "
+            f"{'equal' if same_ids else 'differ'}), {speedup:.2f}x the reference")  # fmt: skip
+    verdict = {"vocab_pass": {"passed": passed, "device": t, "mlx": mx.__version__, "results": results}}
+    path = _verdict_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(verdict, indent=2))
+    os.replace(tmp, path)
+    _VERDICTS = None
+    return verdict

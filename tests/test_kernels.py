@@ -1,0 +1,121 @@
+"""Kernels: each kernel's C++ expansion, run on the CPU with real threads and barriers, equals its pure-MLX
+reference; the reference equals the unfused operations it replaces and transformers' sampler; the CUDA expansion
+compiles with NVRTC and the Metal one passes a syntax check, and both fail on a planted error; the dispatcher
+honours MLX_DIFFGEMMA_KERNELS and falls back to the reference."""
+
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_diffgemma import kernels, sampling
+from mlx_diffgemma.kernels import checks, cpu
+from mlx_diffgemma.kernels import vocab as vp
+from mlx_diffgemma.kernels.dialect import cuda_translation_unit, metal_translation_unit
+
+T = vp.GROUP_THREADS
+
+
+def inputs(N, V, seed=0, scale=8.0):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((N, V)) * scale).astype(np.float32)
+    temps = rng.uniform(0.4, 0.8, N).astype(np.float32)
+    u = rng.uniform(1e-7, 1, (N, V)).astype(np.float32)
+    return logits, temps, u
+
+
+def run_cpu(logits, temps, u, cap, threads=T):
+    N, V = logits.shape
+    out = cpu.run(vp.SPEC, {"logits": logits, "temps": temps, "uniforms": u, "params": np.array([cap], np.float32)},
+                  {"stats": N * 3, "ids": N * 2}, {"V": V, "GROUP_THREADS": threads}, N, threads)  # fmt: skip
+    return out["stats"].reshape(N, 3), out["ids"].reshape(N, 2)
+
+
+@pytest.mark.parametrize("N,V,cap", [(3, 1000, 30.0), (2, 256, 0.0), (1, 4099, 30.0), (4, 77, 30.0), (2, 32768, 0.0)])
+def test_cpu_expansion_equals_the_reference(N, V, cap):
+    """V below, at and not a multiple of the group size; with and without the softcap; temperatures 0.4-0.8."""
+    logits, temps, u = inputs(N, V, seed=V)
+    stats, ids = run_cpu(logits, temps, u, cap)
+    rs, ri = vp.reference(mx.array(logits), mx.array(temps), mx.array(u), cap)
+    np.testing.assert_allclose(stats, np.array(rs), rtol=2e-6, atol=2e-5)
+    np.testing.assert_array_equal(ids, np.array(ri))
+
+
+def test_ties_take_the_first_index_and_small_groups_work():
+    logits = np.zeros((2, 300), np.float32)
+    logits[0, [7, 200]] = 5.0  # a tie across threads: the first index wins, as argmax does
+    temps, u = np.ones(2, np.float32), np.full((2, 300), 0.5, np.float32)
+    for threads in (256, 32, 2):
+        stats, ids = run_cpu(logits, temps, u, 0.0, threads)
+        assert ids[0].tolist() == [7, 7] and ids[1].tolist() == [0, 0]
+        np.testing.assert_allclose(stats[1], [0.0, np.log(300), np.log(300)], rtol=1e-6)
+
+
+def test_reference_equals_the_unfused_sampler_and_transformers():
+    logits, temps, u = inputs(3, 5000, seed=1)
+    x = mx.array(logits)
+    stats, ids = vp.reference(x, mx.array(temps), mx.array(u), 30.0)
+    scaled = (30.0 * mx.tanh(x / 30.0)) / mx.array(temps)[:, None]
+    probs, h = sampling.softmax_entropy(scaled[None])  # today's one-pass softmax/entropy of the step
+    np.testing.assert_allclose(np.array(stats[:, 2]), np.array(h[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.array(ids[:, 0]), np.array(mx.argmax(scaled, axis=-1)))
+    np.testing.assert_allclose(np.array(mx.exp(scaled - stats[:, 1:2])), np.array(probs[0]), rtol=1e-5, atol=1e-9)
+    t = torch.tensor(np.array(scaled))
+    np.testing.assert_allclose(np.array(stats[:, 2]), torch.distributions.Categorical(logits=t).entropy().numpy(),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(np.array(stats[:, 1]), torch.logsumexp(t, -1).numpy(), rtol=1e-6)
+    # the sample is Gumbel-max with the given uniforms: over many draws, the softmax's frequencies
+    small = mx.array(np.log(np.array([[0.5, 0.3, 0.2]], np.float32)))
+    draws = np.random.default_rng(2).uniform(1e-7, 1, (20000, 3)).astype(np.float32)
+    _, sid = vp.reference(mx.broadcast_to(small, (20000, 3)), mx.ones(20000), mx.array(draws), 0.0)
+    freq = np.bincount(np.array(sid[:, 1]), minlength=3) / 20000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.015)
+
+
+def test_cuda_expansion_compiles_with_nvrtc_and_a_planted_error_fails():
+    if sys.platform == "darwin":
+        pytest.skip("NVRTC has no macOS build")
+    source = cuda_translation_unit(vp.SPEC, {"V": 262_144, "GROUP_THREADS": T})
+    ok, ptx = checks.nvrtc_compile(source)
+    assert ok and ".entry custom_kernel_vocab_pass" in ptx and "bar.sync" in ptx
+    ok, log = checks.nvrtc_compile(source.replace("BARRIER();", "BARRIER()", 1))
+    assert not ok and "error" in log
+    ok, log = checks.nvrtc_compile(source.replace("TANHF(x / cap)", "TANHF(x / cap, 1)"))
+    assert not ok
+
+
+def test_metal_expansion_passes_the_syntax_check_and_a_planted_error_fails():
+    source = metal_translation_unit(vp.SPEC, {"V": 262_144, "GROUP_THREADS": T})
+    ok, log = checks.metal_syntax_check(source)
+    assert ok, log
+    assert not checks.metal_syntax_check(source.replace("threadgroup_barrier", "threadgroup_barier"))[0]
+    assert not checks.metal_syntax_check(source.replace("s_best[t] = s_best[o];", "s_best[t] = s_bst[o];"))[0]
+
+
+def test_the_dispatcher_falls_back_to_the_reference(monkeypatch):
+    logits, temps, u = inputs(2, 500)
+    args = (mx.array(logits), mx.array(temps), mx.array(u), 30.0)
+    want = vp.reference(*args)
+    assert kernels.target() == "reference"  # the CPU: no GPU kernel target
+    got = kernels.vocab_pass(*args)
+    assert all(mx.array_equal(a, b) for a, b in zip(got, want))
+    monkeypatch.setenv("MLX_DIFFGEMMA_KERNELS", "0")
+    assert not kernels.enabled() and kernels.target() == "reference"
+    with pytest.raises(RuntimeError, match="MLX_DIFFGEMMA_KERNELS=0"):
+        kernels.selfcheck()
+    monkeypatch.setenv("MLX_DIFFGEMMA_KERNELS", "1")
+    monkeypatch.setattr(kernels, "target", lambda: "metal")  # as on a Mac that never ran the self-check
+    monkeypatch.setattr(kernels, "_VERDICTS", {})
+    assert not kernels.use_kernel("vocab_pass")
+    monkeypatch.setattr(kernels, "_VERDICTS", {"vocab_pass": False})
+    assert not kernels.use_kernel("vocab_pass")
+
+
+def test_selfcheck_says_why_it_cannot_run_here():
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "mlx_diffgemma", "selfcheck"], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "no GPU kernel target here" in r.stderr and "Traceback" not in r.stderr
