@@ -12,7 +12,7 @@ that has finished leaves the batch at the block's end.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -50,14 +50,15 @@ class _Row:
     countdown: int = 0
     steps: int = 0
     stopped: bool = False
-    extra: dict = field(default_factory=dict)
+    cancelled: bool = False
 
 
 class PrefixCache:
     """Encoded prompt heads shared across requests: the cache after a system prompt or a conversation's earlier
-    turns, so that the next request starting with the same tokens encodes only the rest. MLX arrays are values
-    (encoding more returns new arrays), so a stored cache is reused without copying. Least recently used entries
-    go first beyond `entries` or `max_bytes`."""
+    turns, so that the next request starting with the same tokens encodes only the rest. An entry never changes:
+    sliding layers replace their arrays when more is encoded, full layers write into their buffer only past the
+    stored offset, and a reused entry gets its own copy of the full layers' slots. Least recently used entries go
+    first beyond `entries` or `max_bytes`."""
 
     def __init__(self, entries: int = 16, max_bytes: int = 2 * 2**30):
         self.entries, self.max_bytes = entries, max_bytes
@@ -135,7 +136,7 @@ class Batch:
         self.waiting = [r for r in self.waiting if r.req.tag != tag]
         for r in self.rows:
             if r.req.tag == tag:
-                r.extra["cancelled"] = True
+                r.cancelled = True
 
     def _starts(self) -> mx.array | None:
         return None if not any(self.start) else mx.array(self.start)
@@ -184,7 +185,7 @@ class Batch:
         return cache
 
     def run_block(self) -> Iterator[tuple[Any, Step | Commit]]:
-        keep = [i for i, r in enumerate(self.rows) if not r.extra.get("cancelled")]
+        keep = [i for i, r in enumerate(self.rows) if not r.cancelled]
         if len(keep) < len(self.rows):
             self._keep(keep)
         self._admit()
