@@ -206,8 +206,9 @@ LORA_TARGETS = r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 
 
 def prepare(model: Model, cfg: TrainConfig) -> None:
-    """Choose what trains. LoRA: adapters on the attention and dense-MLP projections, nothing else. Full: every
-    weight but the router (unless train_router) and the layer scalars (buffers in transformers)."""
+    """Choose what trains. LoRA: adapters on the attention and dense-MLP projections, nothing else, initialised
+    from cfg.seed (the same run starts from the same adapters whatever else drew random numbers before). Full:
+    every weight but the router (unless train_router) and the layer scalars (buffers in transformers)."""
     import re
 
     import mlx.nn as nn
@@ -220,9 +221,12 @@ def prepare(model: Model, cfg: TrainConfig) -> None:
             for p, m in model.named_modules()
             if re.fullmatch(LORA_TARGETS, p) and isinstance(m, (nn.Linear, nn.QuantizedLinear))
         ]
-        model.update_modules(
-            tree_unflatten([(p, LoRALinear.from_base(m, r=cfg.lora_rank, scale=cfg.lora_scale)) for p, m in targets])
-        )
+        adapters = [(p, LoRALinear.from_base(m, r=cfg.lora_rank, scale=cfg.lora_scale)) for p, m in targets]
+        keys = mx.random.split(mx.random.key(cfg.seed), max(len(adapters), 1))
+        for (_, a), key in zip(adapters, keys):  # mlx-lm's initialisation, drawn from the run's seed
+            bound = a.lora_a.shape[0] ** -0.5
+            a.lora_a = mx.random.uniform(-bound, bound, a.lora_a.shape, key=key)
+        model.update_modules(tree_unflatten(adapters))
         return
     model.unfreeze()
     for layer in model.layers:

@@ -185,3 +185,20 @@ def test_length_batches_mix_neighbouring_lengths():
     assert kinds.count({5}) == 4 and kinds.count({1, 3}) >= 6  # A and B share batches; plain sorting never mixes them
     assert [b.tolist() for b in train.length_batches(examples, 16, seed=0)] == [b.tolist() for b in batches]
     assert [b.tolist() for b in train.length_batches(examples, 16, seed=1)] != [b.tolist() for b in batches]
+
+
+def test_lora_adapters_start_from_the_run_seed(checkpoint):
+    """The same seed gives the same adapters, whatever drew random numbers before (other tests, other code)."""
+    cfg = train.TrainConfig(lora_rank=4)
+
+    def adapters(cfg):
+        model, _ = load(checkpoint("tamed"))
+        train.prepare(model, cfg)
+        return dict(tree_flatten(model.trainable_parameters()))
+
+    first = adapters(cfg)
+    mx.random.normal((1000,))  # move MLX's global generator
+    again = adapters(cfg)
+    other = adapters(train.TrainConfig(lora_rank=4, seed=1))
+    assert first.keys() == again.keys() and all(mx.array_equal(first[k], again[k]) for k in first)
+    assert not all(mx.array_equal(first[k], other[k]) for k in first if k.endswith("lora_a"))
