@@ -12,6 +12,7 @@ import torch
 
 from mlx_diffgemma import kernels, sampling
 from mlx_diffgemma.kernels import checks, cpu
+from mlx_diffgemma.kernels import self_cond as sc
 from mlx_diffgemma.kernels import vocab as vp
 from mlx_diffgemma.kernels.dialect import cuda_translation_unit, metal_translation_unit
 
@@ -119,3 +120,38 @@ def test_selfcheck_says_why_it_cannot_run_here():
     r = subprocess.run([sys.executable, "-m", "mlx_diffgemma", "selfcheck"], capture_output=True, text=True,
                        timeout=120)  # fmt: skip
     assert r.returncode == 1 and "no GPU kernel target here" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("N,V,H", [(3, 1000, 96), (2, 300, 600), (1, 77, 2816), (2, 512, 256)])
+def test_soft_embed_cpu_expansion_equals_the_reference(N, V, H):
+    """V not a multiple of the tile, H below, at and above the group size (several columns per thread)."""
+    rng = np.random.default_rng(V + H)
+    z = (rng.standard_normal((N, V)) * 3).astype(np.float32)
+    lse = np.log(np.exp(z.astype(np.float64)).sum(-1)).astype(np.float32)
+    table = rng.standard_normal((V, H)).astype(np.float32)
+    out = cpu.run(sc.SPEC, {"z": z, "lses": lse, "table": table}, {"out": N * H}, {"V": V, "H": H, "GROUP_THREADS": T},
+                  N, T)["out"].reshape(N, H)  # fmt: skip
+    np.testing.assert_allclose(out, np.array(sc.reference(mx.array(z), mx.array(lse), mx.array(table))), atol=1e-6)
+
+
+def test_soft_embed_reference_is_the_models_self_conditioning_input(checkpoint):
+    from mlx_diffgemma.loading import load_model
+
+    model = load_model(checkpoint("basic"))
+    z = mx.array(np.random.default_rng(0).normal(0, 3, (1, 5, model.args.vocab_size)).astype(np.float32))
+    want = model.soft_embed(z)[0]  # softmax, then the table, times sqrt(hidden)
+    lse = mx.logsumexp(z[0], axis=-1)
+    got = kernels.soft_embed(z[0], lse, model.embed_tokens.weight) * model.args.embed_scale
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+
+
+def test_soft_embed_compiles_for_cuda_and_metal_and_planted_errors_fail():
+    consts = {"V": 262_144, "H": 2816, "GROUP_THREADS": T}
+    metal = metal_translation_unit(sc.SPEC, consts)
+    assert checks.metal_syntax_check(metal)[0]
+    assert not checks.metal_syntax_check(metal.replace("s_p[t] =", "s_q[t] =", 1))[0]
+    if sys.platform != "darwin":
+        cuda = cuda_translation_unit(sc.SPEC, consts)
+        ok, ptx = checks.nvrtc_compile(cuda)
+        assert ok and "bar.sync" in ptx
+        assert not checks.nvrtc_compile(cuda.replace("float acc[16];", "float acc[16]"))[0]

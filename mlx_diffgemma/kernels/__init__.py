@@ -4,7 +4,8 @@ kernel on MLX's CUDA build, or the reference (on the CPU, when MLX_DIFFGEMMA_KER
 self-check on this machine failed or has not passed). A kernel is trusted on a machine only after `selfcheck`
 compared it with its reference there; the verdict is kept per machine and MLX version.
 
-Ops: `vocab_pass` (`vocab.py`: the sampler's pass over the vocabulary in one read).
+Ops: `vocab_pass` (`vocab.py`: the sampler's pass over the vocabulary in one read) and `soft_embed`
+(`self_cond.py`: softmax times the embedding table without the probabilities).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import self_cond as _sc
 from . import vocab as _vp
 from .dialect import cuda_body, metal_body
 
-OPS = {"vocab_pass": _vp}
+OPS = {"vocab_pass": _vp, "soft_embed": _sc}
 _KERNELS: dict[tuple[str, str], object] = {}
 _VERDICTS: dict[str, bool] | None = None
 _SAID: set[str] = set()
@@ -89,6 +91,21 @@ def vocab_pass_kernel(logits: mx.array, temps: mx.array, uniforms: mx.array, cap
     return stats, ids
 
 
+def soft_embed_kernel(z: mx.array, lse: mx.array, table: mx.array) -> mx.array:
+    """`self_cond.reference` computed by the GPU kernel of the current target."""
+    (N, V), H = z.shape, table.shape[1]
+    T = _sc.GROUP_THREADS
+    (out,) = _gpu_kernel("soft_embed")(
+        inputs=[z.astype(mx.float32), lse.astype(mx.float32), table.astype(mx.float32)],
+        template=[("V", V), ("H", H), ("GROUP_THREADS", T)],
+        grid=(N * T, 1, 1),
+        threadgroup=(T, 1, 1),
+        output_shapes=[(N, H)],
+        output_dtypes=[mx.float32],
+    )
+    return out
+
+
 def use_kernel(op: str) -> bool:
     """Whether `op` runs as a kernel here: a GPU target, kernels on, and this machine's self-check passed (one
     line on stderr, once, when it does not)."""
@@ -110,6 +127,14 @@ def vocab_pass(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float
     if use_kernel("vocab_pass"):
         return vocab_pass_kernel(logits, temps, uniforms, cap)
     return _vp.reference(logits, temps, uniforms, cap)
+
+
+def soft_embed(z: mx.array, lse: mx.array, table: mx.array) -> mx.array:
+    """softmax(z) @ table (N, H) from scaled logits z (N, V) and their log-sum-exp (N,); the kernel where it is
+    trusted and the hidden size fits it, else the reference."""
+    if table.shape[1] <= _sc.GROUP_THREADS * _sc.MAX_COLS and use_kernel("soft_embed"):
+        return soft_embed_kernel(z, lse, table)
+    return _sc.reference(z, lse, table)
 
 
 def selfcheck(shapes: list[tuple[int, int]] | None = None, log=print) -> dict[str, dict]:
@@ -149,6 +174,26 @@ def selfcheck(shapes: list[tuple[int, int]] | None = None, log=print) -> dict[st
         log(f"vocab_pass {N}x{V}: {'pass' if ok else 'FAIL'} (stats within {err:.1e}, ids "
             f"{'equal' if same_ids else 'differ'}), {speedup:.2f}x the reference")  # fmt: skip
     verdict = {"vocab_pass": {"passed": passed, "device": t, "mlx": mx.__version__, "results": results}}
+    results, passed = [], True
+    for N, V, H in [(256, 262_144, 2816), (64, 32_768, 512), (3, 1000, 96)]:
+        z = mx.array((rng.standard_normal((N, V)) * 3).astype(np.float32))
+        lse = mx.logsumexp(z, axis=-1)
+        table = mx.array((rng.standard_normal((V, H)) * 0.02).astype(np.float32))
+        timings, outs = {}, {}
+        for name, fn in (("kernel", soft_embed_kernel), ("reference", _sc.reference)):
+            mx.eval(fn(z, lse, table))
+            tic = time.perf_counter()
+            for _ in range(3):
+                outs[name] = fn(z, lse, table)
+                mx.eval(outs[name])
+            timings[name] = (time.perf_counter() - tic) / 3
+        err = float(mx.abs(outs["kernel"] - outs["reference"]).max())
+        ok = err < 1e-4
+        passed &= ok
+        speedup = timings["reference"] / timings["kernel"]
+        results.append({"N": N, "V": V, "H": H, "max_abs": err, "speedup": speedup})
+        log(f"soft_embed {N}x{V}x{H}: {'pass' if ok else 'FAIL'} (within {err:.1e}), {speedup:.2f}x the reference")
+    verdict["soft_embed"] = {"passed": passed, "device": t, "mlx": mx.__version__, "results": results}
     path = _verdict_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
