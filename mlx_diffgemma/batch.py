@@ -213,7 +213,13 @@ class Batch:
                 cur = live
             rows = [self.rows[b] for b in cur]
             canvas = mx.concatenate([r.canvas for r in rows])
-            logits = model.denoise(canvas, cache, self_conditioning_probs=sc, start=start)
+            ks = {r.req.g.sc_top_k for r in rows}
+            if sc is None or len(ks) == 1:
+                logits = model.denoise(canvas, cache, self_conditioning_probs=sc, start=start, sc_top_k=ks.pop())
+            else:  # rows that differ in how they embed the signal: each its own way
+                soft = [model.soft_embed_top_k(sc[j : j + 1], r.req.g.sc_top_k)[0] if r.req.g.sc_top_k
+                        else model.soft_embed_probs(sc[j : j + 1]) for j, r in enumerate(rows)]  # fmt: skip
+                logits = model.denoise(canvas, cache, start=start, self_conditioning_embeds=mx.concatenate(soft))
             temps = mx.array([[[_temperature(r)]] for r in rows], dtype=mx.float32)
             bounds = mx.array([[r.req.g.entropy_bound] for r in rows], dtype=mx.float32)
             processed, sc, h, argmax, mask = _scores(logits, temps, bounds)

@@ -29,6 +29,7 @@ FLAGS = {
     "stability_threshold": "--stability",
     "confidence_threshold": "--confidence",
     "max_new_tokens": "--max-tokens",
+    "sc_top_k": "--sc-top-k",
 }
 TRAIN_FLAGS = {
     "steps": "--steps",
@@ -98,7 +99,7 @@ Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16
 Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected failure.")]
 
 
-def _settings(steps, entropy_bound, t_min, t_max, stability, confidence) -> dict:
+def _settings(steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k=None) -> dict:
     return {
         k: v
         for k, v in dict(
@@ -108,6 +109,7 @@ def _settings(steps, entropy_bound, t_min, t_max, stability, confidence) -> dict
             t_max=t_max,
             stability_threshold=stability,
             confidence_threshold=confidence,
+            sc_top_k=sc_top_k,
         ).items()
         if v is not None
     }
@@ -204,6 +206,10 @@ def generate(
     t_max: TMax = None,
     stability: Stability = None,
     confidence: Confidence = None,
+    sc_top_k: Annotated[
+        Optional[int],
+        typer.Option("--sc-top-k", help="Approximate self-conditioning with the K likeliest tokens (off: exact)."),
+    ] = None,
     seed: Seed = None,
     system: System = None,
     think: Think = False,
@@ -220,7 +226,7 @@ def generate(
     FILE, generate a batch and print one JSON line per answer as it finishes."""
     from .generate import stream_generate
 
-    overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
+    overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k)
     _check_flags(overrides, max_tokens, seed)
     if batch_size is not None and batch_size < 1:
         _fail("--batch-size must be at least 1", 2)

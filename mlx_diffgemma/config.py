@@ -268,6 +268,9 @@ class GenerationConfig:
     eos_token_id: list[int] = field(default_factory=lambda: [1])
     pad_token_id: int | None = 0
     bos_token_id: int | None = 2
+    # Opt-in approximation (not transformers'): self-conditioning from the k most probable tokens' embeddings
+    # instead of the whole softmax; None is exact.
+    sc_top_k: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], text: TextConfig | None = None) -> GenerationConfig:
@@ -322,6 +325,8 @@ class GenerationConfig:
             raise ConfigError(f"{n('eos_token_id')} must be a list of token ids, got {self.eos_token_id!r}")
         for e in self.eos_token_id:
             require_int(n("eos_token_id"), e, 0)
+        if self.sc_top_k is not None:
+            require_int(n("sc_top_k"), self.sc_top_k, 1)
         if self.t_max <= self.t_min:
             raise ConfigError(
                 f"{n('t_max')} must be greater than {n('t_min')} ({n('t_min')}={self.t_min}, {n('t_max')}={self.t_max})"

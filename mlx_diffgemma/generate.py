@@ -148,7 +148,7 @@ def generate_step(
         history = sampling.new_history(g.stability_threshold, 1, C)
         sc, argmax, steps = None, canvas, 0
         for countdown in range(N, 0, -1):  # transformers' step counter: N first, 1 at the last possible step
-            logits = model.denoise(canvas, cache, self_conditioning_probs=sc)
+            logits = model.denoise(canvas, cache, self_conditioning_probs=sc, sc_top_k=g.sc_top_k)
             temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
             if noise is None:
                 key, k_step = mx.random.split(key)

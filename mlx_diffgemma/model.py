@@ -435,6 +435,19 @@ class Model(nn.Module):
             table = p @ e.weight
         return table * mx.array(self.args.embed_scale, dtype=self.dtype)
 
+    def soft_embed_top_k(self, probs: mx.array, k: int) -> tuple[mx.array, mx.array]:
+        """The self-conditioning input from each position's k most probable tokens only: sum over them of
+        p * embedding row * sqrt(hidden), (B, C, H) in the model dtype, and the probability mass left out (B, C).
+        Reads k embedding rows per position instead of the whole table (a quantized table's rows are dequantized
+        as they are gathered). An approximation: `sc_top_k` in the generation settings, off by default."""
+        k = min(k, probs.shape[-1])
+        p = probs.astype(mx.float32)
+        idx = mx.argpartition(-p, kth=k - 1, axis=-1)[..., :k]  # (B, C, k)
+        top = mx.take_along_axis(p, idx, axis=-1)
+        rows = self.embed_tokens(idx)  # (B, C, k, H), dequantized rows for a quantized table
+        soft = (top[..., None].astype(rows.dtype) * rows).sum(axis=-2)
+        return soft * mx.array(self.args.embed_scale, dtype=self.dtype), 1.0 - top.sum(axis=-1)
+
     def logits(self, h: mx.array) -> mx.array:
         """Tied LM head, then the final softcap in float32."""
         cap = self.args.final_logit_softcapping
@@ -483,12 +496,20 @@ class Model(nn.Module):
         self_conditioning_logits: mx.array | None = None,
         self_conditioning_probs: mx.array | None = None,
         start: mx.array | None = None,
+        sc_top_k: int | None = None,
+        self_conditioning_embeds: mx.array | None = None,
     ) -> mx.array:
         """Bidirectional pass over cache + canvas (B, C) -> float32 logits (B, C, V); the cache is unchanged. The
         self-conditioning signal is the previous step's logits (transformers' form), or their softmax when the
-        caller already has it (generation: the sampler computes it anyway). `start` as for `encode`."""
+        caller already has it (generation: the sampler computes it anyway). `start` as for `encode`. `sc_top_k`:
+        the approximation of `soft_embed_top_k` for the probabilities' signal. `self_conditioning_embeds`: the
+        signal already embedded (B, C, H) (a batch whose rows embed theirs differently)."""
         x = self.embed(canvas)
-        if self_conditioning_probs is not None:
+        if self_conditioning_embeds is not None:
+            soft = self_conditioning_embeds
+        elif self_conditioning_probs is not None and sc_top_k is not None:
+            soft = self.soft_embed_top_k(self_conditioning_probs, sc_top_k)[0]
+        elif self_conditioning_probs is not None:
             soft = self.soft_embed_probs(self_conditioning_probs)
         elif self_conditioning_logits is not None:
             soft = self.soft_embed(self_conditioning_logits)

@@ -315,6 +315,7 @@ KNOBS = {
     "t_max": "t_max",
     "stability": "stability_threshold",
     "confidence": "confidence_threshold",
+    "sc_top_k": "sc_top_k",
 }
 EXTENSIONS = {"ignore_eos"}  # vLLM's: generate to max_tokens whatever the model says
 # OpenAI fields this server accepts and has no use for (as OpenAI-compatible servers do); anything else unknown is

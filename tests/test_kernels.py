@@ -155,3 +155,53 @@ def test_soft_embed_compiles_for_cuda_and_metal_and_planted_errors_fail():
         ok, ptx = checks.nvrtc_compile(cuda)
         assert ok and "bar.sync" in ptx
         assert not checks.nvrtc_compile(cuda.replace("float acc[16];", "float acc[16]"))[0]
+
+
+# ---- top-k self-conditioning (opt-in) ----------------------------------------------------------------------
+
+
+def test_top_k_self_conditioning_converges_to_exact_and_reports_what_it_drops(checkpoint, tmp_path):
+    from mlx_diffgemma.convert import convert, resolve
+    from mlx_diffgemma.generate import prefill
+    from mlx_diffgemma.loading import load_model
+
+    q4 = convert(checkpoint("tamed"), tmp_path / "q4", resolve(None, True, 4, None, None), log=lambda s: None)
+    for model in (load_model(checkpoint("tamed")), load_model(q4)):  # a quantized table: rows dequantized
+        V = model.args.vocab_size
+        probs = mx.softmax(mx.array(np.random.default_rng(0).normal(0, 4, (1, 6, V)).astype(np.float32)), axis=-1)
+        exact = model.soft_embed_probs(probs)
+        full, dropped = model.soft_embed_top_k(probs, V)
+        np.testing.assert_allclose(np.array(full), np.array(exact), rtol=1e-4, atol=1e-4)
+        assert float(mx.abs(dropped).max()) < 1e-5
+        soft, dropped = model.soft_embed_top_k(probs, 8)
+        kept = mx.sort(probs, axis=-1)[..., -8:].sum(axis=-1)
+        np.testing.assert_allclose(np.array(dropped), np.array(1 - kept), atol=1e-6)
+        cache = model.make_cache()
+        prefill(model, mx.array([[5, 6, 7, 8, 9]]), cache)
+        canvas = mx.array([list(range(10, 10 + model.canvas_length))])
+        sc = mx.repeat(probs[:, :1], model.canvas_length, axis=1)
+        a = model.denoise(canvas, cache, self_conditioning_probs=sc)
+        b = model.denoise(canvas, cache, self_conditioning_probs=sc, sc_top_k=V)
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-3)
+
+
+def test_top_k_self_conditioning_in_generation_and_batches():
+    from mlx_diffgemma import load
+    from mlx_diffgemma.batch import Request, generate_batch
+    from mlx_diffgemma.generate import Commit, generate_step, render_prompt, settings
+
+    model, tok = load("demo")
+    ids = [render_prompt(tok, p) for p in ("Sort: 3 1 2", "Add: 4 + 5", "Reverse: a b c")]
+    plans = [settings(model, sc_top_k=16), settings(model), settings(model, sc_top_k=64)]
+
+    def alone(i):
+        ev = generate_step(model, mx.array([ids[i]]), plans[i], 32, key=mx.random.key(i))
+        return [(e.tokens, e.steps) for e in ev if isinstance(e, Commit)]
+
+    got = {}
+    for tag, e in generate_batch(model, [Request(ids[i], plans[i], 32, mx.random.key(i), tag=i) for i in range(3)]):
+        if isinstance(e, Commit):
+            got.setdefault(tag, []).append((e.tokens, e.steps))
+    assert got == {i: alone(i) for i in range(3)}  # rows that embed the signal differently, side by side
+    with pytest.raises(Exception, match="sc_top_k"):
+        settings(model, sc_top_k=0)
