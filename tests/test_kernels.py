@@ -12,6 +12,7 @@ import torch
 
 from mlx_diffgemma import kernels, sampling
 from mlx_diffgemma.kernels import checks, cpu
+from mlx_diffgemma.kernels import routing as rt
 from mlx_diffgemma.kernels import self_cond as sc
 from mlx_diffgemma.kernels import vocab as vp
 from mlx_diffgemma.kernels.dialect import cuda_translation_unit, metal_translation_unit
@@ -205,3 +206,48 @@ def test_top_k_self_conditioning_in_generation_and_batches():
     assert got == {i: alone(i) for i in range(3)}  # rows that embed the signal differently, side by side
     with pytest.raises(Exception, match="sc_top_k"):
         settings(model, sc_top_k=0)
+
+
+# ---- routing ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,E,K", [(100, 128, 8), (7, 16, 4), (65, 8, 2)])
+def test_routing_cpu_expansion_equals_the_reference(N, E, K):
+    """Tokens not a multiple of the group; ties (the lower expert first)."""
+    rng = np.random.default_rng(N)
+    logits = rng.standard_normal((N, E)).astype(np.float32)
+    logits[0, :4] = 5.0  # a four-way tie at the top
+    scales = rng.uniform(0.5, 1.5, E).astype(np.float32)
+    R = rt.GROUP_THREADS
+    out = cpu.run(rt.SPEC, {"logits": logits, "scales": scales}, {"ids": N * K, "weights": N * K},
+                  {"N": N, "E": E, "K": K, "GROUP_THREADS": R}, -(-N // R), R)  # fmt: skip
+    ids, weights = rt.reference(mx.array(logits), mx.array(scales), K)
+    np.testing.assert_array_equal(out["ids"].reshape(N, K), np.array(ids))
+    np.testing.assert_allclose(out["weights"].reshape(N, K), np.array(weights), atol=1e-6)
+    assert np.array(ids)[0, :4].tolist() == [0, 1, 2, 3] or K < 4
+
+
+def test_routing_reference_is_the_models_router(checkpoint):
+    from mlx_diffgemma.loading import load_model
+
+    model = load_model(checkpoint("two_full"))
+    router = model.layers[1].router
+    x = mx.array(np.random.default_rng(0).normal(size=(40, model.args.hidden_size)).astype(np.float32))
+    idx, w = router(x)
+    logits = router.proj(mx.fast.rms_norm(x, None, router.eps) * router.scale * router.root)
+    ids, weights = kernels.route(logits, router.per_expert_scale, router.top_k)
+    for n in range(40):  # the router's top-k comes unordered (argpartition): compare as expert -> weight
+        want = dict(zip(np.array(idx[n]).tolist(), np.array(w[n]).tolist()))
+        got = dict(zip(np.array(ids[n]).tolist(), np.array(weights[n]).tolist()))
+        assert want.keys() == got.keys() and all(abs(want[e] - got[e]) < 1e-6 for e in want)
+
+
+def test_routing_compiles_for_cuda_and_metal_and_planted_errors_fail():
+    consts = {"N": 4096, "E": 128, "K": 8, "GROUP_THREADS": rt.GROUP_THREADS}
+    metal = metal_translation_unit(rt.SPEC, consts)
+    assert checks.metal_syntax_check(metal)[0]
+    assert not checks.metal_syntax_check(metal.replace("chosen_sum += p;", "chosen_sum += q;"))[0]
+    if sys.platform != "darwin":
+        cuda = cuda_translation_unit(rt.SPEC, consts)
+        assert checks.nvrtc_compile(cuda)[0]
+        assert not checks.nvrtc_compile(cuda.replace("int best = -1;", "int best = -1"))[0]

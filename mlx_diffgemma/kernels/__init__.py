@@ -5,7 +5,8 @@ self-check on this machine failed or has not passed). A kernel is trusted on a m
 compared it with its reference there; the verdict is kept per machine and MLX version.
 
 Ops: `vocab_pass` (`vocab.py`: the sampler's pass over the vocabulary in one read) and `soft_embed`
-(`self_cond.py`: softmax times the embedding table without the probabilities).
+(`self_cond.py`: softmax times the embedding table without the probabilities), `route` (`routing.py`: the
+router's top-k experts and their weights from its logits).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import routing as _rt
 from . import self_cond as _sc
 from . import vocab as _vp
 from .dialect import cuda_body, metal_body
 
-OPS = {"vocab_pass": _vp, "soft_embed": _sc}
+OPS = {"vocab_pass": _vp, "soft_embed": _sc, "route": _rt}
 _KERNELS: dict[tuple[str, str], object] = {}
 _VERDICTS: dict[str, bool] | None = None
 _SAID: set[str] = set()
@@ -106,6 +108,21 @@ def soft_embed_kernel(z: mx.array, lse: mx.array, table: mx.array) -> mx.array:
     return out
 
 
+def route_kernel(logits: mx.array, scales: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """`routing.reference` computed by the GPU kernel of the current target."""
+    N, E = logits.shape
+    T = _rt.GROUP_THREADS
+    ids, weights = _gpu_kernel("route")(
+        inputs=[logits.astype(mx.float32), scales.astype(mx.float32)],
+        template=[("N", N), ("E", E), ("K", k), ("GROUP_THREADS", T)],
+        grid=(-(-N // T) * T, 1, 1),
+        threadgroup=(T, 1, 1),
+        output_shapes=[(N, k), (N, k)],
+        output_dtypes=[mx.int32, mx.float32],
+    )
+    return ids, weights
+
+
 def use_kernel(op: str) -> bool:
     """Whether `op` runs as a kernel here: a GPU target, kernels on, and this machine's self-check passed (one
     line on stderr, once, when it does not)."""
@@ -135,6 +152,14 @@ def soft_embed(z: mx.array, lse: mx.array, table: mx.array) -> mx.array:
     if table.shape[1] <= _sc.GROUP_THREADS * _sc.MAX_COLS and use_kernel("soft_embed"):
         return soft_embed_kernel(z, lse, table)
     return _sc.reference(z, lse, table)
+
+
+def route(logits: mx.array, scales: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """(expert ids (N, k), largest first; weights (N, k)) from router logits (N, E) and per-expert scales (E,);
+    the kernel where it is trusted, else the reference."""
+    if use_kernel("route"):
+        return route_kernel(logits, scales, k)
+    return _rt.reference(logits, scales, k)
 
 
 def selfcheck(shapes: list[tuple[int, int]] | None = None, log=print) -> dict[str, dict]:
@@ -194,6 +219,17 @@ def selfcheck(shapes: list[tuple[int, int]] | None = None, log=print) -> dict[st
         results.append({"N": N, "V": V, "H": H, "max_abs": err, "speedup": speedup})
         log(f"soft_embed {N}x{V}x{H}: {'pass' if ok else 'FAIL'} (within {err:.1e}), {speedup:.2f}x the reference")
     verdict["soft_embed"] = {"passed": passed, "device": t, "mlx": mx.__version__, "results": results}
+    results, passed = [], True
+    for N, E, K in [(4096, 128, 8), (256, 128, 8), (5, 16, 4)]:
+        logits = mx.array(rng.standard_normal((N, E)).astype(np.float32))
+        scales = mx.array(rng.uniform(0.5, 1.5, E).astype(np.float32))
+        (ki, kw), (ri, rw) = route_kernel(logits, scales, K), _rt.reference(logits, scales, K)
+        err = float(mx.abs(kw - rw).max())
+        ok = bool(mx.array_equal(ki, ri)) and err < 1e-5
+        passed &= ok
+        results.append({"N": N, "E": E, "K": K, "max_abs": err, "ids_equal": bool(mx.array_equal(ki, ri))})
+        log(f"route {N}x{E} top-{K}: {'pass' if ok else 'FAIL'} (weights within {err:.1e})")
+    verdict["route"] = {"passed": passed, "device": t, "mlx": mx.__version__, "results": results}
     path = _verdict_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
