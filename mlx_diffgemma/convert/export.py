@@ -17,15 +17,14 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_diffgemma.files import OutputError, check_output, copy_metadata, replace_dir, staging_dir
 from mlx_diffgemma.loading import DTYPES, load_model, load_weights, resolve_path
-from mlx_diffgemma.model import Model, QuantizedSwitchLinear
+
+from .quality import float_weights
 
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-# The smallest Gemma 4 vision tower transformers builds, for text-only folders (the test fixtures use the same).
+# The smallest Gemma 4 vision tower transformers builds: for text-only folders, and reference.py's test fixtures.
 MINIMAL_VISION = dict(
     model_type="gemma4_vision",
     hidden_size=32,
@@ -60,19 +59,6 @@ def _is_export(path: Path) -> bool:
 
 def _quantization(q: dict) -> str:
     return f"{q.get('mode', 'affine')} {q.get('bits')}-bit, group {q.get('group_size')}"
-
-
-def float_weights(model: Model, dtype: mx.Dtype) -> dict[str, mx.array]:
-    """Our name -> float weight, lazily (nothing is computed until a shard is written): quantized modules'
-    weights dequantized exactly as their matmuls see them, the rest cast."""
-    out = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
-    for path, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
-            for k in ("weight", "scales", "biases"):
-                out.pop(f"{path}.{k}", None)
-            w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
-            out[f"{path}.weight"] = w.astype(dtype)
-    return out
 
 
 def _write_shards(weights: dict[str, mx.array], folder: Path, shard_bytes: int) -> None:

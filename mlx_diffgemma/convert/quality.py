@@ -13,17 +13,25 @@ from mlx.utils import tree_flatten
 from mlx_diffgemma.model import Model, QuantizedSwitchLinear
 
 
-def dequantized(model: Model) -> Model:
-    """A float model holding the quantized model's weights dequantized (and every other weight as it is)."""
-    float_model = Model(dataclasses.replace(model.config, quantization=None))
-    weights = dict(tree_flatten(model.parameters()))
+def float_weights(model: Model, dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
+    """Name -> float weight, lazily: each quantized module's weight dequantized exactly as its matmuls see it (in
+    `dtype`, by default the model's), every other weight as it is (cast to `dtype` when one is given)."""
+    out = dict(tree_flatten(model.parameters()))
+    if dtype is not None:
+        out = {k: v.astype(dtype) for k, v in out.items()}
     for path, m in model.named_modules():
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
             for k in ("weight", "scales", "biases"):
-                weights.pop(f"{path}.{k}", None)
+                out.pop(f"{path}.{k}", None)
             w = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode)
-            weights[f"{path}.weight"] = w.astype(model.dtype)
-    float_model.load_weights(list(weights.items()), strict=True)
+            out[f"{path}.weight"] = w.astype(dtype or model.dtype)
+    return out
+
+
+def dequantized(model: Model) -> Model:
+    """A float model holding the quantized model's weights dequantized (and every other weight as it is)."""
+    float_model = Model(dataclasses.replace(model.config, quantization=None))
+    float_model.load_weights(list(float_weights(model).items()), strict=True)
     mx.eval(float_model.parameters())
     return float_model
 
