@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import noise
+from .convert.export import MINIMAL_VISION
 
 try:
     import torch
@@ -128,15 +129,7 @@ def build_checkpoint(path: str | Path, fixture: str | Fixture = "basic", seed: i
     text = {k: v for k, v in f.text.items()}
     config = DiffusionGemmaConfig(
         text_config=text,
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=16,
-            position_embedding_size=64,
-        ),
+        vision_config=dict(MINIMAL_VISION),
         canvas_length=f.canvas_length,
         **f.extra,
     )
