@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import sampling
-from .cache import FullAttentionCache, PromptCache, join_rows, select_rows, subset
+from .cache import FullAttentionCache, PromptCache, join_rows, subset
 from .config import GenerationConfig
 from .generate import Commit, Step, _check_context, check_ids, prefill
 from .model import Model
@@ -143,13 +143,9 @@ class Batch:
 
     def _admit(self) -> None:
         """Encode what the running rows committed, then stack the new rows' caches (each prompt encoded alone)."""
-        model, C = self.model, self.model.canvas_length
+        model = self.model
         if self.rows:
-            ids = mx.concatenate([r.pending for r in self.rows])
-            for start in range(0, C, 512):  # as `prefill` does
-                if start:
-                    self.cache.materialize()
-                model.encode(ids[:, start : start + 512], self.cache, self._starts())
+            prefill(model, mx.concatenate([r.pending for r in self.rows]), self.cache, start=self._starts())
             for r in self.rows:
                 r.pending = None
         if not self.waiting:
@@ -271,7 +267,7 @@ class Batch:
         if not self.rows:
             self.cache, self.start = None, []
             return
-        select_rows(self.cache, rows)
+        self.cache = subset(self.cache, rows)
         self.start = [self.start[i] for i in rows]
         if min(self.start):
             self._trim(min(self.start))

@@ -130,14 +130,6 @@ class PromptCache:
         return [c.context() for c in self.layers]
 
 
-def select_rows(cache: PromptCache, rows: list[int]) -> None:
-    """Keep only the given batch rows of every layer, in that order (finished rows leave a batch)."""
-    idx = mx.array(rows)
-    for c in cache.layers:
-        if c.keys is not None:
-            c.set_state(c.keys[idx], c.values[idx], c.offset)
-
-
 def subset(cache: PromptCache, rows: list[int]) -> PromptCache:
     """A new cache holding only the given batch rows (copies of their slots; `cache` is unchanged)."""
     idx = mx.array(rows)

@@ -364,15 +364,18 @@ def check_ids(model: Model, ids: list[int] | mx.array) -> None:
 PREFILL_STEP = 512  # prompt tokens encoded per pass (mlx-lm's prefill step size, smaller for CPU attention)
 
 
-def prefill(model: Model, ids: mx.array, cache: PromptCache, step: int = PREFILL_STEP) -> None:
+def prefill(
+    model: Model, ids: mx.array, cache: PromptCache, step: int = PREFILL_STEP, start: mx.array | None = None
+) -> None:
     """Encode ids (B, L) into `cache` `step` tokens at a time, evaluating the cache between pieces: memory holds
     one piece's attention over the cache, so it grows linearly with the prompt instead of with its square. Same
     result as one `model.encode` (the sliding layers' masks join the cached window to each piece). The last piece
-    is left unevaluated, as `encode` leaves it (a committed block is evaluated with the next denoising step)."""
-    for start in range(0, ids.shape[1], step):
-        if start:
+    is left unevaluated, as `encode` leaves it (a committed block is evaluated with the next denoising step).
+    `start`: a batch's padding, as for `Model.encode`."""
+    for first in range(0, ids.shape[1], step):
+        if first:
             cache.materialize()
-        model.encode(ids[:, start : start + step], cache)
+        model.encode(ids[:, first : first + step], cache, start)
 
 
 def memory_estimate(model: Model, positions: int, batch: int = 1) -> memory.Estimate:
