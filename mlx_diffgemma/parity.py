@@ -24,8 +24,8 @@ from .loading import load_model
 class MLXEngine:
     """Our model behind the reference's encode/denoise interface (numpy in, float32 numpy out)."""
 
-    def __init__(self, path: str | Path, dtype: str = "float32"):
-        self.model = load_model(path, dtype=dtype)
+    def __init__(self, path: str | Path | None = None, dtype: str = "float32", model=None):
+        self.model = model if model is not None else load_model(path, dtype=dtype)
         self.cache = self.model.make_cache()
 
     def encode(self, ids: np.ndarray) -> np.ndarray:
@@ -290,9 +290,7 @@ def compare(model_path: str | Path, ref_file: str | Path, dtype: str | None = No
         ):
             raise ReferenceFileError(f"{ref_file}: this machine's shared noise differs from the recording's")
         prompt = arrays[f"p{i}.prompt"].astype(np.int64)[None]
-        engine = MLXEngine.__new__(MLXEngine)
-        engine.model, engine.cache = model, model.make_cache()
-        ours = trajectory(engine, Inputs(prompt=prompt, **inputs))
+        ours = trajectory(MLXEngine(model=model), Inputs(prompt=prompt, **inputs))
         for stage, outs in ours.items():
             for j, a in enumerate(outs):
                 name = f"p{i}.{slug(stage)}.{j}"
