@@ -6,13 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-exec > >(tee "$OUT/kernels_log.txt") 2>&1
-whl=/tmp/$(cat .whl/b/mlx-cuda.name)
-cat .whl/a/mlx-cuda.part.* .whl/b/mlx-cuda.part.* > "$whl"
-echo "$(cat .whl/b/mlx-cuda.sha256)  $whl" | sha256sum -c - || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  "$whl" .whl/b/mlx-0.32.4-*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XDG_CACHE_HOME=$OUT
+source benchmarks/h200/install.sh kernels_log.txt
+export XDG_CACHE_HOME=$OUT  # the self-check verdict lands in $OUT
 timeout 240 python3 -c "
 import mlx.core as mx
 from mlx_diffgemma import kernels
