@@ -1,10 +1,12 @@
 """Train the demo model from scratch with `mlx_diffgemma.train`: a tiny DiffusionGemma (the real layer pattern and
 an MoE) on generated tasks whose answers can be checked exactly (mlx_diffgemma/demo).
 
-    python benchmarks/train_demo.py --out .cache/demo-run/model
+    python benchmarks/train_demo.py --out .cache/demo-v2/model --init mlx_diffgemma/demo/model
 
-Re-running the same command resumes from the last checkpoint. The held-out prompts of benchmarks/eval_demo.py
-(its seed) are kept out of the training set. `--ship` then copies the finished model, without the trainer's
+Re-running the same command resumes from the last checkpoint (so a run can span sessions). `--init` starts from
+another demo model's weights (same architecture; the canvas length is not a weight) instead of random ones. The
+held-out questions of benchmarks/eval_demo.py (its seed) are kept out of the training set, as questions and as
+earlier turns. `--ship` then copies the finished model, without the trainer's
 state, into the package (mlx_diffgemma/demo/model), where `--model demo` finds it.
 """
 
@@ -25,6 +27,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 # the others' tokens) and addition the largest (the last task run 4 learned). At 10%, code was the last task
 # run 5 learned and holds most of its misses (RESULTS.md). The held-out set stays uniform over the tasks.
 TRAIN_MIX = {"code": 0.10, "sort": 0.18, "reverse": 0.18, "add": 0.36, "brackets": 0.18}
+# Version 2 (canvas 64): three-digit addition and the multi-line code are the new hard tasks.
+TRAIN_MIX_V2 = {"code": 0.25, "sort": 0.15, "reverse": 0.15, "add": 0.30, "brackets": 0.15}
 
 from eval_demo import tokenize  # noqa: E402
 
@@ -35,12 +39,15 @@ from mlx_diffgemma.model import Model, num_parameters  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=REPO / ".cache/demo-run/model")
+    ap.add_argument("--out", type=Path, default=REPO / ".cache/demo-v2/model")
+    ap.add_argument("--version", type=int, choices=(1, 2), default=2, help="which demo tasks (mlx_diffgemma.demo)")
+    ap.add_argument("--init", type=Path, help="start from this demo model's weights instead of random ones")
     ap.add_argument("--steps", type=int, default=3400)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=96)
-    ap.add_argument("--canvas", type=int, default=16)
+    ap.add_argument("--canvas", type=int, default=64)
+    ap.add_argument("--max-denoising-steps", type=int, default=32, help="the shipped generation_config's limit")
     ap.add_argument("--examples", type=int, default=100_000)
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -51,15 +58,27 @@ def main() -> None:
     demo.build_tokenizer(folder)
     config = demo.demo_config(hidden=args.hidden, canvas=args.canvas)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(demo.generation_config(), indent=2))
+    gen = demo.generation_config(args.max_denoising_steps)
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2))
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tok = load_tokenizer(folder)
-    held_out = {p for p, _ in demo.examples(demo.HELD_OUT, demo.HELD_OUT_SEED)}
-    data = [(p, a) for p, a in demo.examples(args.examples, args.seed + 1, TRAIN_MIX) if p not in held_out]
+    held_out = {demo.question(p) for p, _ in demo.examples(demo.HELD_OUT, demo.HELD_OUT_SEED, version=args.version)}
+    mix = TRAIN_MIX if args.version == 1 else TRAIN_MIX_V2
+    data = [
+        (p, a)
+        for p, a in demo.examples(args.examples, args.seed + 1, mix, version=args.version)
+        if not held_out & set(_questions(p))
+    ]
     pairs = tokenize(tok, data)
     model = Model(ModelConfig.from_dict(config))
     train.init_weights(model, seed=args.seed)
+    if args.init is not None:  # a resumed run loads its checkpoint over these
+        from mlx_diffgemma.loading import check_weights, load_weights
+
+        weights = Model.sanitize(load_weights(args.init))
+        check_weights(model, weights)
+        model.load_weights(list(weights.items()))
     print(f"{num_parameters(model):,} parameters, {len(pairs):,} training examples", flush=True)
     cfg = train.TrainConfig(
         steps=args.steps,
@@ -84,6 +103,11 @@ def main() -> None:
     )
     if args.ship:
         ship(args.out, REPO / "mlx_diffgemma/demo/model")
+
+
+def _questions(prompt) -> list[str]:
+    """Every question a training prompt holds: itself, or each user message."""
+    return [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"]
 
 
 def ship(run: Path, dst: Path) -> None:

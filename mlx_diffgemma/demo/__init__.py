@@ -190,17 +190,109 @@ TASKS = {"sort": _sort, "reverse": _reverse, "add": _add, "brackets": _brackets,
 PREFIXES = {"sort": "Sort: ", "reverse": "Reverse: ", "add": "Add: ", "brackets": "Close: ", "code": "Write a "}
 
 
-def task_of(prompt: str) -> str:
-    """The task a prompt was drawn from."""
-    return next(name for name, prefix in PREFIXES.items() if prompt.startswith(prefix))
+# ---- version 2: longer answers, a 64-token canvas, system prompts and earlier turns -------------------------
 
 
-def examples(n: int, seed: int, weights: dict[str, float] | None = None) -> list[tuple[str, str]]:
+def _sort2(r: random.Random) -> tuple[str, str]:
+    xs = [r.randint(0, 9) for _ in range(r.randint(3, 12))]
+    return "Sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
+
+
+def _reverse2(r: random.Random) -> tuple[str, str]:
+    s = "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(4, 16)))
+    return "Reverse: " + s, s[::-1]
+
+
+def _add2(r: random.Random) -> tuple[str, str]:
+    """Three-digit operands and a four-digit sum, at fixed width (each answer position keeps its column)."""
+    a, b = r.randint(0, 999), r.randint(0, 999)
+    return f"Add: {a:03d} + {b:03d}", f"{a + b:04d}"
+
+
+def _brackets2(r: random.Random) -> tuple[str, str]:
+    s = "".join(r.choice(list(BRACKETS)) for _ in range(r.randint(4, 12)))
+    return "Close: " + s, "".join(BRACKETS[c] for c in reversed(s))
+
+
+def _code2(r: random.Random) -> tuple[str, str]:
+    """A function of two arguments in one to four lines: up to three named intermediate results, then a return,
+    each `x op y` over the arguments and the names already set. The longest answers (up to about 80 characters)
+    run past one 64-token canvas."""
+    name = r.choice(["area", "total", "scale", "offset", "mix", "span", "gain", "step", "blend", "shift"])
+    a, b = r.choice("xyzabc"), r.choice("uvwpqr")
+    known, names = [a, b], r.sample("tsmnk", 3)
+    lines, said = [], []
+    for target in names[: r.randint(0, 3)]:
+        x, y = r.sample(known, 2)
+        expr = f"{x} {r.choice('+-*')} {y}"
+        lines.append(f"{target} = {expr}")
+        said.append(f"sets {target} = {expr}")
+        known.append(target)
+    x, y = r.sample(known[-2:] if len(known) > 2 else known, 2)
+    expr = f"{x} {r.choice('+-*')} {y}"
+    said.append(f"returns {expr}")
+    body = "".join(f"\n    {line}" for line in lines)
+    return (
+        f"Write a Python function {name}({a}, {b}) that " + ", then ".join(said) + ".",
+        f"def {name}({a}, {b}):{body}\n    return {expr}",
+    )
+
+
+TASKS_V2 = {"sort": _sort2, "reverse": _reverse2, "add": _add2, "brackets": _brackets2, "code": _code2}
+# System prompts the version-2 examples may open with: none changes the answer, so the model learns to answer
+# the same under any of them (and, through variety, under a user's own `--system`).
+SYSTEMS = [
+    "You are a helpful assistant.",
+    "You are a careful assistant. Answer exactly.",
+    "Answer with the result only.",
+    "You are a small model trained on a few tasks: sorting, reversing, adding, closing brackets and code.",
+    "Be concise.",
+    "You are a coding assistant.",
+    "Reply in plain text.",
+    "You are DiffusionGemma demo. Think carefully and answer.",
+]
+CHAT_SHARE = {"system": 0.3, "history": 0.3}  # of version-2 examples: a system prompt; one or two earlier turns
+
+
+def question(prompt: str | list[dict]) -> str:
+    """The question a prompt asks: the prompt itself, or its last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
+def task_of(prompt: str | list[dict]) -> str:
+    """The task a prompt (a question, or chat messages ending in one) was drawn from."""
+    q = question(prompt)
+    return next(name for name, prefix in PREFIXES.items() if q.startswith(prefix))
+
+
+def examples(
+    n: int, seed: int, weights: dict[str, float] | None = None, version: int = 1
+) -> list[tuple[str | list[dict], str]]:
     """n (prompt, answer) pairs, the task chosen uniformly (or in proportion to `weights`); the same seed gives
-    the same examples."""
+    the same examples. Version 2 draws its own tasks, and a share of its prompts are chat messages: a system
+    prompt first, or earlier turns (other questions with their right answers) before the question."""
+    if version not in (1, 2):
+        raise ValueError(f"the demo tasks have versions 1 and 2, not {version}")
     r = random.Random(seed)
-    names = sorted(TASKS)
-    if weights is None:
-        return [TASKS[r.choice(names)](r) for _ in range(n)]
-    w = [weights.get(name, 0.0) for name in names]
-    return [TASKS[r.choices(names, w)[0]](r) for _ in range(n)]
+    tasks = TASKS if version == 1 else TASKS_V2
+    names = sorted(tasks)
+    w = None if weights is None else [weights.get(name, 0.0) for name in names]
+
+    def draw() -> tuple[str, str]:
+        return tasks[r.choice(names) if w is None else r.choices(names, w)[0]](r)
+
+    out: list[tuple[str | list[dict], str]] = []
+    for _ in range(n):
+        prompt, answer = draw()
+        if version == 2:
+            system = r.random() < CHAT_SHARE["system"]
+            earlier = r.randint(1, 2) if r.random() < CHAT_SHARE["history"] else 0
+            if system or earlier:
+                messages = [{"role": "system", "content": r.choice(SYSTEMS)}] if system else []
+                for q, a in (draw() for _ in range(earlier)):
+                    messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                prompt = messages + [{"role": "user", "content": prompt}]
+        out.append((prompt, answer))
+    return out
