@@ -20,7 +20,7 @@ import mlx.core as mx
 from . import sampling
 from .cache import FullAttentionCache, PromptCache, join_rows, subset
 from .config import GenerationConfig
-from .generate import Commit, Step, _check_context, check_ids, prefill
+from .generate import Commit, Step, _check_context, check_ids, fused, prefill
 from .model import Model
 
 
@@ -188,6 +188,7 @@ class Batch:
         if not self.rows:
             return
         model, C, V = self.model, self.model.canvas_length, self.model.args.vocab_size
+        cap, through_kernels = model.args.final_logit_softcapping or 0.0, fused()
         for r in self.rows:
             r.key, k_init = mx.random.split(r.key)
             r.canvas = sampling.random_canvas((1, C), V, key=k_init)
@@ -203,33 +204,55 @@ class Batch:
                 break
             if live != cur:
                 if sc is not None:
-                    sc = sc[mx.array([cur.index(b) for b in live])]
+                    pick = mx.array([cur.index(b) for b in live])
+                    sc = tuple(a[pick] for a in sc) if through_kernels else sc[pick]
                 cache = subset(self.cache, live)
                 start = mx.array([self.start[b] for b in live]) if any(self.start[b] for b in live) else None
                 cur = live
             rows = [self.rows[b] for b in cur]
             canvas = mx.concatenate([r.canvas for r in rows])
             ks = {r.req.g.sc_top_k for r in rows}
-            if sc is None or len(ks) == 1:
-                logits = model.denoise(canvas, cache, self_conditioning_probs=sc, start=start, sc_top_k=ks.pop())
-            else:  # rows that differ in how they embed the signal: each its own way
-                soft = [model.soft_embed_top_k(sc[j : j + 1], r.req.g.sc_top_k)[0] if r.req.g.sc_top_k
-                        else model.soft_embed_probs(sc[j : j + 1]) for j, r in enumerate(rows)]  # fmt: skip
-                logits = model.denoise(canvas, cache, start=start, self_conditioning_embeds=mx.concatenate(soft))
-            temps = mx.array([[[_temperature(r)]] for r in rows], dtype=mx.float32)
+            keys = []
+            for r in rows:
+                r.key, k_step = mx.random.split(r.key)
+                keys.append(mx.random.split(k_step))  # (sample, renoise)
             bounds = mx.array([[r.req.g.entropy_bound] for r in rows], dtype=mx.float32)
-            processed, sc, h, argmax, mask = _scores(logits, temps, bounds)
+            if through_kernels:  # one fused pass over the raw logits; the signal is (logits, temperatures, lse)
+                if sc is None:
+                    soft = None
+                elif len(ks) == 1:
+                    soft = model.soft_embed_logits(*sc, top_k=ks.pop())
+                else:
+                    soft = mx.concatenate([model.soft_embed_logits(*(a[j : j + 1] for a in sc), top_k=r.req.g.sc_top_k)
+                                           for j, r in enumerate(rows)])  # fmt: skip
+                logits = model.denoise(canvas, cache, start=start, self_conditioning_embeds=soft, softcap=False)
+                temps = mx.array([[_temperature(r)] * C for r in rows], dtype=mx.float32)
+                u = mx.concatenate([sampling.gumbel_uniforms((1, C, V), k[0]) for k in keys])
+                h, lse, argmax, sampled = sampling.fused_pass(logits, temps, u, cap)
+                argmax, sampled = argmax.astype(mx.int32), sampled.astype(mx.int32)
+                mask = sampling.accept_mask(None, bounds, h)
+                sc, processed = (logits, temps, lse), None
+            else:
+                if sc is None or len(ks) == 1:
+                    logits = model.denoise(canvas, cache, self_conditioning_probs=sc, start=start, sc_top_k=ks.pop())
+                else:  # rows that differ in how they embed the signal: each its own way
+                    soft = [model.soft_embed_top_k(sc[j : j + 1], r.req.g.sc_top_k)[0] if r.req.g.sc_top_k
+                            else model.soft_embed_probs(sc[j : j + 1]) for j, r in enumerate(rows)]  # fmt: skip
+                    logits = model.denoise(canvas, cache, start=start, self_conditioning_embeds=mx.concatenate(soft))
+                temps = mx.array([[[_temperature(r)]] for r in rows], dtype=mx.float32)
+                processed, sc, h, argmax, mask = _scores(logits, temps, bounds)
             stops = []
             for j, r in enumerate(rows):
-                r.key, k_step = mx.random.split(r.key)
-                k_sample, k_noise = mx.random.split(k_step)
-                sampled = sampling.sample(processed[j : j + 1], key=k_sample).astype(mx.int32)
-                noise = sampling.random_canvas((1, C), V, key=k_noise)
+                if through_kernels:
+                    chosen = sampled[j : j + 1]
+                else:
+                    chosen = sampling.sample(processed[j : j + 1], key=keys[j][0]).astype(mx.int32)
+                noise = sampling.random_canvas((1, C), V, key=keys[j][1])
                 m = mask[j : j + 1]
-                r.canvas = sampling.renoise(sampling.accept(r.canvas, sampled, m), m, noise)
+                r.canvas = sampling.renoise(sampling.accept(r.canvas, chosen, m), m, noise)
                 r.argmax = argmax[j : j + 1]
                 stop, r.history = sampling.stop_criterion(
-                    r.history, r.argmax, processed[j : j + 1], r.req.g.confidence_threshold, h[j : j + 1]
+                    r.history, r.argmax, None, r.req.g.confidence_threshold, h[j : j + 1]
                 )
                 r.steps += 1
                 r.countdown -= 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from . import memory, sampling
+from . import kernels, memory, sampling
 from .cache import PromptCache
 from .config import GenerationConfig
 from .model import Model
@@ -106,6 +106,38 @@ def _make_noise_step_fn(g: GenerationConfig):
     return mx.compile(step_fn)
 
 
+def _make_fused_step_fn(g: GenerationConfig, vocab: int, cap: float):
+    """`_make_step_fn` through the kernels: one fused pass over the raw logits (softcap, temperature, entropy,
+    log-sum-exp, argmax, and the sample from the uniforms `sample` would draw with the same key, so the same seed
+    samples the same tokens), then accept, renoise and the stop criterion, compiled. The next step's
+    self-conditioning signal is (raw logits, temperatures, log-sum-exp) instead of the probabilities."""
+
+    @mx.compile
+    def tail(canvas, sampled, argmax, h, history, noise):
+        mask = sampling.accept_mask(None, g.entropy_bound, h)
+        canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, noise)
+        stop, history = sampling.stop_criterion(history, argmax, None, g.confidence_threshold, h)
+        return canvas, mask, stop.all(), history
+
+    def step_fn(logits, canvas, history, temp, key):
+        k_sample, k_noise = mx.random.split(key)
+        temps = mx.broadcast_to(temp, canvas.shape)
+        h, lse, argmax, sampled = sampling.fused_pass(
+            logits, temps, sampling.gumbel_uniforms(logits.shape, k_sample), cap
+        )
+        noise = sampling.random_canvas(canvas.shape, vocab, key=k_noise).astype(canvas.dtype)
+        argmax = argmax.astype(canvas.dtype)
+        canvas, mask, stop, history = tail(canvas, sampled.astype(canvas.dtype), argmax, h, history, noise)
+        return canvas, argmax, (logits, temps, lse), mask, stop, history
+
+    return step_fn
+
+
+def fused() -> bool:
+    """Whether generation's steps go through the kernels here (the vocabulary pass runs as a kernel)."""
+    return kernels.use_kernel("vocab_pass")
+
+
 def generate_step(
     model: Model,
     prompt: mx.array | None,
@@ -123,7 +155,10 @@ def generate_step(
 
     Randomness comes from MLX's generator (`key`; a time-based one if None) unless `noise` is given: then every
     initial canvas, sampling draw and renoise token comes from it (`noise.CounterNoise(seed, vocab)` replays the
-    noise of a `mlx_diffgemma reference` file, so this loop and transformers' consume the same numbers)."""
+    noise of a `mlx_diffgemma reference` file, so this loop and transformers' consume the same numbers).
+
+    Where the kernels run (kernels.use_kernel), a step's pass over the vocabulary and the self-conditioning
+    input go through them, drawing the same random numbers: the same key gives the same tokens either way."""
     if prompt is not None and (prompt.ndim != 2 or prompt.shape[0] != 1):
         raise ValueError(f"prompt must have shape (1, P), got {tuple(prompt.shape)}")
     if prompt is None and (cache is None or cache.offset == 0):
@@ -133,7 +168,11 @@ def generate_step(
     cache = cache if cache is not None else model.make_cache()
     key = key if key is not None else mx.random.key(int(time.time_ns() % 2**31))
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
-    step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
+    through_kernels = noise is None and fused()
+    if through_kernels:
+        step_fn = _make_fused_step_fn(g, V, model.args.final_logit_softcapping or 0.0)
+    else:
+        step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
     eos = set(g.eos_token_id)
     pending = prompt  # tokens to encode before the next block
     produced = 0
@@ -148,7 +187,11 @@ def generate_step(
         history = sampling.new_history(g.stability_threshold, 1, C)
         sc, argmax, steps = None, canvas, 0
         for countdown in range(N, 0, -1):  # transformers' step counter: N first, 1 at the last possible step
-            logits = model.denoise(canvas, cache, self_conditioning_probs=sc, sc_top_k=g.sc_top_k)
+            if through_kernels:
+                soft = None if sc is None else model.soft_embed_logits(*sc, top_k=g.sc_top_k)
+                logits = model.denoise(canvas, cache, self_conditioning_embeds=soft, softcap=False)
+            else:
+                logits = model.denoise(canvas, cache, self_conditioning_probs=sc, sc_top_k=g.sc_top_k)
             temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
             if noise is None:
                 key, k_step = mx.random.split(key)

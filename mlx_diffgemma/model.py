@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fastmath
+from . import fastmath, kernels
 from .cache import FullAttentionCache, KVSource, PromptCache, SlidingWindowCache
 from .config import LayerSpec, ModelConfig, TextConfig
 
@@ -132,6 +132,8 @@ class Router(nn.Module):
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
         h = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
+        if not self.training and kernels.use_kernel("route"):  # inference: the fused kernel (no derivative)
+            return kernels.route_kernel(self.proj(h).astype(mx.float32), self.per_expert_scale, self.top_k)
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)  # (N, E)
         idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])  # (N, k)
         w = mx.take_along_axis(probs, idx, axis=-1)
@@ -448,11 +450,28 @@ class Model(nn.Module):
         soft = (top[..., None].astype(rows.dtype) * rows).sum(axis=-2)
         return soft * mx.array(self.args.embed_scale, dtype=self.dtype), 1.0 - top.sum(axis=-1)
 
-    def logits(self, h: mx.array) -> mx.array:
-        """Tied LM head, then the final softcap in float32."""
+    def soft_embed_logits(self, logits: mx.array, temps: mx.array, lse: mx.array, top_k: int | None = None) -> mx.array:
+        """The self-conditioning input from a step's raw (not softcapped) logits (B, C, V), its temperatures
+        (B, C) and the log-sum-exp of the scaled logits (B, C) (the vocabulary pass gives it): softmax(softcap /
+        temperature) @ table * sqrt(hidden), (B, C, H) in the model dtype. Without the (B, C, V) probabilities
+        where the soft-embedding kernel runs (a float table, no `top_k`); else the probabilities are formed and
+        go through `soft_embed_probs` or `soft_embed_top_k`."""
+        B, C, V = logits.shape
+        cap = self.args.final_logit_softcapping or 0.0
+        flat, t, m = logits.reshape(B * C, V), temps.reshape(B * C), lse.reshape(B * C)
+        table = self.embed_tokens
+        if top_k is None and not isinstance(table, nn.QuantizedEmbedding):
+            soft = kernels.soft_embed(flat, t, m, table.weight, cap).reshape(B, C, -1)
+            return (soft * self.args.embed_scale).astype(self.dtype)
+        probs = mx.exp(kernels.vocab.scaled(flat, t, cap) - m[:, None]).reshape(B, C, V)
+        return self.soft_embed_probs(probs) if top_k is None else self.soft_embed_top_k(probs, top_k)[0]
+
+    def logits(self, h: mx.array, softcap: bool = True) -> mx.array:
+        """Tied LM head, then the final softcap in float32 (`softcap` False: without it, for the kernels that
+        apply it as they read)."""
         cap = self.args.final_logit_softcapping
         x = self.embed_tokens.as_linear(h).astype(mx.float32)
-        if not cap:
+        if not cap or not softcap:
             return x
         return fastmath.softcap(x, cap) if fastmath.enabled() else mx.tanh(x / cap) * cap
 
@@ -498,12 +517,14 @@ class Model(nn.Module):
         start: mx.array | None = None,
         sc_top_k: int | None = None,
         self_conditioning_embeds: mx.array | None = None,
+        softcap: bool = True,
     ) -> mx.array:
         """Bidirectional pass over cache + canvas (B, C) -> float32 logits (B, C, V); the cache is unchanged. The
         self-conditioning signal is the previous step's logits (transformers' form), or their softmax when the
         caller already has it (generation: the sampler computes it anyway). `start` as for `encode`. `sc_top_k`:
         the approximation of `soft_embed_top_k` for the probabilities' signal. `self_conditioning_embeds`: the
-        signal already embedded (B, C, H) (a batch whose rows embed theirs differently)."""
+        signal already embedded (B, C, H) (a batch whose rows embed theirs differently). `softcap` False: the
+        logits before the final softcap (the kernels' step applies it)."""
         x = self.embed(canvas)
         if self_conditioning_embeds is not None:
             soft = self_conditioning_embeds
@@ -522,7 +543,7 @@ class Model(nn.Module):
             masks = padding_masks(dict.fromkeys(cached), offset, canvas.shape[1], cached, start)
             offset = offset - start
         h = self.forward(x, offset, cache.readers(), masks, decoder=True)
-        return self.logits(h)
+        return self.logits(h, softcap)
 
     # ---- checkpoint names -------------------------------------------------------------------------------------
 

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
-from . import fastmath
+from . import fastmath, kernels
+
+_TINY = float(np.nextafter(np.float32(0), np.float32(1)))  # the low end of MLX's Gumbel uniforms
 
 
 def temperature(step: int | mx.array, t_min: float, t_max: float, max_steps: int) -> float | mx.array:
@@ -68,6 +71,23 @@ def sample(logits: mx.array, key: mx.array | None = None) -> mx.array:
     """One draw per position from softmax(logits): (B, C, V) -> (B, C) (Gumbel-max: a uniform number and two
     logarithms per logit; the same key gives the same draws as every earlier version of this package)."""
     return mx.random.categorical(logits, axis=-1, key=key)
+
+
+def gumbel_uniforms(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """The uniform numbers `sample` draws with `key` (MLX's categorical takes argmax(logits - log(-log u)) over
+    these): a fused pass given them samples exactly what `sample` samples."""
+    return mx.random.uniform(low=_TINY, high=1.0, shape=shape, key=key)
+
+
+def fused_pass(
+    logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The sampler's pass over the vocabulary in one read, through the kernel dispatcher: from raw logits (B, C,
+    V) (before the final softcap `cap`), temperatures (B, C) and `gumbel_uniforms` (B, C, V), the entropy, the
+    log-sum-exp of the scaled logits, the argmax and the sample, each (B, C)."""
+    B, C, V = logits.shape
+    stats, ids = kernels.vocab_pass(logits.reshape(B * C, V), temps.reshape(B * C), uniforms.reshape(B * C, V), cap)
+    return stats[:, 2].reshape(B, C), stats[:, 1].reshape(B, C), ids[:, 0].reshape(B, C), ids[:, 1].reshape(B, C)
 
 
 def new_history(stability_threshold: int, batch: int, canvas: int) -> mx.array:

@@ -123,27 +123,38 @@ def test_selfcheck_says_why_it_cannot_run_here():
     assert r.returncode == 1 and "no GPU kernel target here" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("N,V,H", [(3, 1000, 96), (2, 300, 600), (1, 77, 2816), (2, 512, 256)])
-def test_soft_embed_cpu_expansion_equals_the_reference(N, V, H):
-    """V not a multiple of the tile, H below, at and above the group size (several columns per thread)."""
+@pytest.mark.parametrize(
+    "N,V,H,cap", [(3, 1000, 96, 30.0), (2, 300, 600, 0.0), (1, 77, 2816, 30.0), (2, 512, 256, 30.0)]
+)
+def test_soft_embed_cpu_expansion_equals_the_reference(N, V, H, cap):
+    """V not a multiple of the tile, H below, at and above the group size (several columns per thread); the
+    softcap and temperature applied as the logits are read."""
     rng = np.random.default_rng(V + H)
-    z = (rng.standard_normal((N, V)) * 3).astype(np.float32)
-    lse = np.log(np.exp(z.astype(np.float64)).sum(-1)).astype(np.float32)
+    logits = (rng.standard_normal((N, V)) * 8).astype(np.float32)
+    temps = rng.uniform(0.4, 0.8, N).astype(np.float32)
+    lse = np.array(mx.logsumexp(vp.scaled(mx.array(logits), mx.array(temps), cap), axis=-1))
     table = rng.standard_normal((V, H)).astype(np.float32)
-    out = cpu.run(sc.SPEC, {"z": z, "lses": lse, "table": table}, {"out": N * H}, {"V": V, "H": H, "GROUP_THREADS": T},
-                  N, T)["out"].reshape(N, H)  # fmt: skip
-    np.testing.assert_allclose(out, np.array(sc.reference(mx.array(z), mx.array(lse), mx.array(table))), atol=1e-6)
+    feed = {"logits": logits, "temps": temps, "lses": lse, "table": table, "params": np.array([cap], np.float32)}
+    out = cpu.run(sc.SPEC, feed, {"out": N * H}, {"V": V, "H": H, "GROUP_THREADS": T}, N, T)["out"].reshape(N, H)
+    want = sc.reference(*map(mx.array, (logits, temps, lse, table)), cap)
+    np.testing.assert_allclose(out, np.array(want), rtol=2e-5, atol=1e-5)
 
 
 def test_soft_embed_reference_is_the_models_self_conditioning_input(checkpoint):
     from mlx_diffgemma.loading import load_model
 
     model = load_model(checkpoint("basic"))
-    z = mx.array(np.random.default_rng(0).normal(0, 3, (1, 5, model.args.vocab_size)).astype(np.float32))
+    V = model.args.vocab_size
+    raw = mx.array(np.random.default_rng(0).normal(0, 40, (1, 5, V)).astype(np.float32))
+    temps = mx.array([[0.4, 0.5, 0.6, 0.7, 0.8]], dtype=mx.float32)
+    cap = model.args.final_logit_softcapping
+    z = mx.tanh(raw / cap) * cap / temps[..., None]
     want = model.soft_embed(z)[0]  # softmax, then the table, times sqrt(hidden)
     lse = mx.logsumexp(z[0], axis=-1)
-    got = kernels.soft_embed(z[0], lse, model.embed_tokens.weight) * model.args.embed_scale
+    got = kernels.soft_embed(raw[0], temps[0], lse, model.embed_tokens.weight, cap) * model.args.embed_scale
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.array(model.soft_embed_logits(raw, temps, lse[None])[0]), np.array(want), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
 
 
 def test_soft_embed_compiles_for_cuda_and_metal_and_planted_errors_fail():
@@ -156,6 +167,73 @@ def test_soft_embed_compiles_for_cuda_and_metal_and_planted_errors_fail():
         ok, ptx = checks.nvrtc_compile(cuda)
         assert ok and "bar.sync" in ptx
         assert not checks.nvrtc_compile(cuda.replace("float acc[16];", "float acc[16]"))[0]
+
+
+# ---- the kernels in generation ------------------------------------------------------------------------------
+
+
+def test_a_fused_step_equals_the_reference_step(monkeypatch):
+    """One denoising step from the same raw logits and key, through the kernels (the CPU expansions) and through
+    the reference: the same sampled canvas, argmax, acceptance, stop and history, and the same self-conditioning
+    input, at temperatures where the draw is far from the argmax."""
+    from mlx_diffgemma.generate import _make_fused_step_fn, _make_step_fn, settings
+    from mlx_diffgemma.loading import load_model
+
+    monkeypatch.setenv("MLX_DIFFGEMMA_KERNELS", "cpu")
+    model = load_model("demo")
+    B, C, V = 2, model.canvas_length, model.args.vocab_size
+    cap = model.args.final_logit_softcapping
+    g = settings(model, entropy_bound=8.0)  # most positions accepted: most of the canvas is sampled
+    raw = mx.array(np.random.default_rng(1).normal(0, 6, (B, C, V)).astype(np.float32))
+    canvas = mx.array(np.random.default_rng(2).integers(0, V, (B, C)).astype(np.int32))
+    history = sampling.new_history(g.stability_threshold, B, C)
+    temp = mx.array(1.5, dtype=mx.float32)
+    key = mx.random.key(7)
+    want = _make_step_fn(g, V)(mx.tanh(raw / cap) * cap, canvas, history, temp, key)
+    got = _make_fused_step_fn(g, V, cap)(raw, canvas, history, temp, key)
+    argmax = want[1]
+    assert float((want[0] != argmax).mean()) > 0.3  # the samples are not just the argmax
+    for i in (0, 1, 3, 4, 5):  # canvas, argmax, mask, stop, history
+        assert mx.array_equal(got[i], want[i]), i
+    soft = model.soft_embed_logits(*got[2])
+    np.testing.assert_allclose(np.array(soft), np.array(model.soft_embed_probs(want[2])), rtol=1e-4, atol=1e-5)
+
+
+def test_the_same_seed_gives_the_same_tokens_with_kernels_off_and_on(monkeypatch):
+    """Whole generations of the demo model, alone and batched (rows with their own settings, one with top-k
+    self-conditioning), with the kernels forced off and with every kernel run (the CPU expansions: the logic the
+    GPU runs): token for token and step for step the same; and the kernels did run."""
+    from mlx_diffgemma import load
+    from mlx_diffgemma.batch import Request, generate_batch
+    from mlx_diffgemma.demo import HELD_OUT_SEED, examples
+    from mlx_diffgemma.generate import Commit, generate_step, render_prompt, settings
+
+    model, tok = load("demo")
+    prompts = [render_prompt(tok, p) for p, _ in examples(3, HELD_OUT_SEED + 1)]
+    plans = [settings(model), settings(model, sc_top_k=16), settings(model, t_max=1.0, entropy_bound=0.5)]
+
+    def run():
+        alone = [
+            [(e.tokens, e.steps) for e in generate_step(model, mx.array([ids]), plans[i], 48, key=mx.random.key(i))
+             if isinstance(e, Commit)]
+            for i, ids in enumerate(prompts)
+        ]  # fmt: skip
+        together = {}
+        reqs = [Request(ids, plans[i], 16 + 16 * i, mx.random.key(10 + i), tag=i) for i, ids in enumerate(prompts)]
+        for tag, e in generate_batch(model, reqs):
+            if isinstance(e, Commit):
+                together.setdefault(tag, []).append((e.tokens, e.steps))
+        return alone, together
+
+    monkeypatch.setenv("MLX_DIFFGEMMA_KERNELS", "0")
+    off = run()
+    launched = []
+    real = kernels._on_cpu
+    monkeypatch.setattr(kernels, "_on_cpu", lambda op, *a: launched.append(op) or real(op, *a))
+    monkeypatch.setenv("MLX_DIFFGEMMA_KERNELS", "cpu")
+    assert kernels.target() == "cpu"
+    assert run() == off
+    assert {"vocab_pass", "soft_embed", "route"} <= set(launched)
 
 
 # ---- top-k self-conditioning (opt-in) ----------------------------------------------------------------------

@@ -4,6 +4,8 @@ mlx-diffgemma on MLX's CUDA build, or transformers on the same GPU, one engine p
     python benchmarks/h200/step_gpu.py --engine ours [--prefix 1024] [--steps 5] > ours.json
     python benchmarks/h200/step_gpu.py --engine transformers > transformers.json
     python benchmarks/h200/step_gpu.py --table ours.json transformers.json
+    MLX_DIFFGEMMA_KERNELS=0 python benchmarks/h200/step_gpu.py --engine ours > off.json   # kernels forced off
+    python benchmarks/h200/step_gpu.py --compare off.json on.json   # speed and tokens, kernels off vs on
 
 Each engine builds the model from `benchmarks/configs/diffusiongemma-26b-a4b/config.json` with random weights made
 on the device (nothing is read from disk), encodes a random prompt of --prefix tokens, then runs --steps + 1
@@ -46,6 +48,7 @@ def run_ours(cfg: dict, prefix: int, steps: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
+    from mlx_diffgemma import kernels
     from mlx_diffgemma.accounting import step_costs, total
     from mlx_diffgemma.bench import matmul_rate
     from mlx_diffgemma.config import ModelConfig
@@ -72,13 +75,14 @@ def run_ours(cfg: dict, prefix: int, steps: int) -> dict:
     V, C = config.text_config.vocab_size, config.canvas_length
     ids = mx.random.randint(0, V, (1, prefix), key=mx.random.key(123))
     g = settings(model, max_denoising_steps=steps + 1, eos_token_id=[], **NEVER)
-    stamps = []
+    stamps, drafts = [], []
     tic = time.perf_counter()
     for event in generate_step(model, ids, g, C, key=mx.random.key(0)):
         if not hasattr(event, "draft"):
             break
         mx.eval(event.draft)
         stamps.append(time.perf_counter())
+        drafts.append(event.draft)
     first = stamps[0] - tic
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     flops = total(step_costs(config, prefix, weight_bits=16)).flops
@@ -94,7 +98,22 @@ def run_ours(cfg: dict, prefix: int, steps: int) -> dict:
         "achieved_tflops": flops / per_step / 1e12,
         "matmul_tflops": matmul_rate(mx.bfloat16, 8192 if mx.default_device() == mx.gpu else 512) / 1e12,
         "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        "kernels": {op: kernels.use_kernel(op) for op in kernels.OPS},
+        "drafts": [d.tolist() for d in drafts],  # the argmax canvas after each step
     }
+
+
+def compare(off_file: str, on_file: str) -> str:
+    """Kernels forced off against the dispatcher's choice: speed, and how far the argmax canvases agree step by
+    step (the first step reads no self-conditioning signal, so it compares the vocabulary pass alone)."""
+    off, on = (json.loads(Path(f).read_text()) for f in (off_file, on_file))
+    lines = [f"kernels used: {', '.join(k for k, v in on['kernels'].items() if v) or 'none'}",
+             f"steps/s: kernels off {off['steps_per_s']:.3f}, on {on['steps_per_s']:.3f} "
+             f"({on['steps_per_s'] / off['steps_per_s']:.2f}x)"]  # fmt: skip
+    for i, (a, b) in enumerate(zip(off["drafts"], on["drafts"]), 1):
+        same = sum(x == y for x, y in zip(a, b))
+        lines.append(f"step {i}: argmax canvas {same}/{len(a)} positions equal")
+    return "\n".join(lines)
 
 
 def run_transformers(cfg: dict, prefix: int, steps: int) -> dict:
@@ -186,9 +205,13 @@ def main() -> None:
     ap.add_argument("--experts", type=int)
     ap.add_argument("--vocab", type=int)
     ap.add_argument("--table", nargs="+")
+    ap.add_argument("--compare", nargs=2, metavar=("OFF", "ON"))
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
+        return
+    if args.compare:
+        print(compare(*args.compare))
         return
     cfg = config(args)
     run = run_ours if args.engine == "ours" else run_transformers

@@ -4,6 +4,10 @@ kernel on MLX's CUDA build, or the reference (on the CPU, when MLX_DIFFGEMMA_KER
 self-check on this machine failed or has not passed). A kernel is trusted on a machine only after `selfcheck`
 compared it with its reference there; the verdict is kept per machine and MLX version.
 
+MLX_DIFFGEMMA_KERNELS=cpu runs each kernel's C++ expansion on the CPU instead (kernels/cpu.py: one OS thread per
+GPU thread, real barriers; slow, and each call waits for its inputs): how the tests run the kernel path of a whole
+generation on a machine without a GPU.
+
 Ops: `vocab_pass` (`vocab.py`: the sampler's pass over the vocabulary in one read) and `soft_embed`
 (`self_cond.py`: softmax times the embedding table without the probabilities), `route` (`routing.py`: the
 router's top-k experts and their weights from its logits).
@@ -36,7 +40,10 @@ def enabled() -> bool:
 
 
 def target() -> str:
-    """Where kernels would run now: "metal", "cuda", or "reference"."""
+    """Where kernels would run now: "metal", "cuda", "cpu" (the C++ expansions, when MLX_DIFFGEMMA_KERNELS=cpu),
+    or "reference"."""
+    if os.environ.get("MLX_DIFFGEMMA_KERNELS") == "cpu":
+        return "cpu"
     if not enabled() or mx.default_device() != mx.gpu:
         return "reference"
     if mx.metal.is_available():
@@ -77,58 +84,80 @@ def _gpu_kernel(op: str):
     return _KERNELS[key]
 
 
-def vocab_pass_kernel(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float):
-    """`vocab_pass.reference` computed by the GPU kernel of the current target."""
-    N, V = logits.shape
-    T = _vp.GROUP_THREADS
-    params = mx.array([cap], dtype=mx.float32)
-    stats, ids = _gpu_kernel("vocab_pass")(
-        inputs=[logits.astype(mx.float32), temps.astype(mx.float32), uniforms.astype(mx.float32), params],
-        template=[("V", V), ("GROUP_THREADS", T)],
-        grid=(N * T, 1, 1),
+def _on_cpu(op: str, inputs: dict[str, mx.array], outputs: dict[str, tuple[tuple[int, ...], mx.Dtype]],
+            constants: dict[str, int], groups: int) -> list[mx.array]:  # fmt: skip
+    """Run `op`'s C++ expansion on NumPy copies of the inputs (which are evaluated first)."""
+    from . import cpu
+
+    spec = OPS[op].SPEC
+    arrays = {k: np.asarray(v.astype(mx.float32) if v.dtype in (mx.bfloat16, mx.float16) else v)
+              for k, v in inputs.items()}  # fmt: skip
+    sizes = {k: int(np.prod(shape)) for k, (shape, _) in outputs.items()}
+    got = cpu.run(spec, arrays, sizes, constants, groups, constants["GROUP_THREADS"])
+    return [mx.array(got[k].reshape(shape)) for k, (shape, _) in outputs.items()]
+
+
+def _launch(op: str, inputs: dict[str, mx.array], outputs: dict[str, tuple[tuple[int, ...], mx.Dtype]],
+            constants: dict[str, int], groups: int) -> list[mx.array]:  # fmt: skip
+    """`op` over `groups` groups of its GROUP_THREADS threads on the current target."""
+    if target() == "cpu":
+        return _on_cpu(op, inputs, outputs, constants, groups)
+    T = constants["GROUP_THREADS"]
+    return _gpu_kernel(op)(
+        inputs=list(inputs.values()),
+        template=list(constants.items()),
+        grid=(groups * T, 1, 1),
         threadgroup=(T, 1, 1),
-        output_shapes=[(N, 3), (N, 2)],
-        output_dtypes=[mx.float32, mx.int32],
+        output_shapes=[shape for shape, _ in outputs.values()],
+        output_dtypes=[dtype for _, dtype in outputs.values()],
     )
+
+
+def vocab_pass_kernel(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float):
+    """`vocab_pass.reference` computed by the kernel of the current target."""
+    N, V = logits.shape
+    inputs = {"logits": logits.astype(mx.float32), "temps": temps.astype(mx.float32),
+              "uniforms": uniforms.astype(mx.float32), "params": mx.array([cap], dtype=mx.float32)}  # fmt: skip
+    stats, ids = _launch(
+        "vocab_pass", inputs, {"stats": ((N, 3), mx.float32), "ids": ((N, 2), mx.int32)},
+        {"V": V, "GROUP_THREADS": _vp.GROUP_THREADS}, N,
+    )  # fmt: skip
     return stats, ids
 
 
-def soft_embed_kernel(z: mx.array, lse: mx.array, table: mx.array) -> mx.array:
-    """`self_cond.reference` computed by the GPU kernel of the current target."""
-    (N, V), H = z.shape, table.shape[1]
-    T = _sc.GROUP_THREADS
-    (out,) = _gpu_kernel("soft_embed")(
-        inputs=[z.astype(mx.float32), lse.astype(mx.float32), table.astype(mx.float32)],
-        template=[("V", V), ("H", H), ("GROUP_THREADS", T)],
-        grid=(N * T, 1, 1),
-        threadgroup=(T, 1, 1),
-        output_shapes=[(N, H)],
-        output_dtypes=[mx.float32],
-    )
+def soft_embed_kernel(logits: mx.array, temps: mx.array, lse: mx.array, table: mx.array, cap: float) -> mx.array:
+    """`self_cond.reference` computed by the kernel of the current target (the table read in its own dtype)."""
+    (N, V), H = logits.shape, table.shape[1]
+    inputs = {"logits": logits.astype(mx.float32), "temps": temps.astype(mx.float32),
+              "lses": lse.astype(mx.float32), "table": table, "params": mx.array([cap], dtype=mx.float32)}  # fmt: skip
+    (out,) = _launch("soft_embed", inputs, {"out": ((N, H), mx.float32)},
+                     {"V": V, "H": H, "GROUP_THREADS": _sc.GROUP_THREADS}, N)  # fmt: skip
     return out
 
 
 def route_kernel(logits: mx.array, scales: mx.array, k: int) -> tuple[mx.array, mx.array]:
-    """`routing.reference` computed by the GPU kernel of the current target."""
+    """`routing.reference` computed by the kernel of the current target."""
     N, E = logits.shape
     T = _rt.GROUP_THREADS
-    ids, weights = _gpu_kernel("route")(
-        inputs=[logits.astype(mx.float32), scales.astype(mx.float32)],
-        template=[("N", N), ("E", E), ("K", k), ("GROUP_THREADS", T)],
-        grid=(-(-N // T) * T, 1, 1),
-        threadgroup=(T, 1, 1),
-        output_shapes=[(N, k), (N, k)],
-        output_dtypes=[mx.int32, mx.float32],
-    )
+    inputs = {"logits": logits.astype(mx.float32), "scales": scales.astype(mx.float32)}
+    ids, weights = _launch("route", inputs, {"ids": ((N, k), mx.int32), "weights": ((N, k), mx.float32)},
+                           {"N": N, "E": E, "K": k, "GROUP_THREADS": T}, -(-N // T))  # fmt: skip
     return ids, weights
 
 
 def use_kernel(op: str) -> bool:
     """Whether `op` runs as a kernel here: a GPU target, kernels on, and this machine's self-check passed (one
-    line on stderr, once, when it does not)."""
+    line on stderr, once, when it does not); or the CPU expansions, when asked for and a compiler is there."""
     t = target()
     if t == "reference":
         return False
+    if t == "cpu":
+        from .cpu import compiler
+
+        if compiler() is None and op not in _SAID:
+            _SAID.add(op)
+            print(f"note: no C++ compiler for the CPU expansion of {op}; using the reference", file=sys.stderr)
+        return compiler() is not None
     ok = verdicts().get(op)
     if not ok and op not in _SAID:
         _SAID.add(op)
@@ -146,12 +175,12 @@ def vocab_pass(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float
     return _vp.reference(logits, temps, uniforms, cap)
 
 
-def soft_embed(z: mx.array, lse: mx.array, table: mx.array) -> mx.array:
-    """softmax(z) @ table (N, H) from scaled logits z (N, V) and their log-sum-exp (N,); the kernel where it is
-    trusted and the hidden size fits it, else the reference."""
+def soft_embed(logits: mx.array, temps: mx.array, lse: mx.array, table: mx.array, cap: float) -> mx.array:
+    """softmax(z) @ table (N, H), z = softcap(logits) / temperature, from raw logits (N, V), temperatures (N,) and
+    the log-sum-exp of z (N,); the kernel where it is trusted and the hidden size fits it, else the reference."""
     if table.shape[1] <= _sc.GROUP_THREADS * _sc.MAX_COLS and use_kernel("soft_embed"):
-        return soft_embed_kernel(z, lse, table)
-    return _sc.reference(z, lse, table)
+        return soft_embed_kernel(logits, temps, lse, table, cap)
+    return _sc.reference(logits, temps, lse, table, cap)
 
 
 def route(logits: mx.array, scales: mx.array, k: int) -> tuple[mx.array, mx.array]:
@@ -167,7 +196,7 @@ def selfcheck(shapes: list[tuple[int, int]] | None = None, log=print) -> dict[st
     record the verdicts (used by the dispatcher from then on) and return them."""
     global _VERDICTS
     t = target()
-    if t == "reference":
+    if t not in ("metal", "cuda"):
         raise RuntimeError(
             "no GPU kernel target here (a Mac's Metal or MLX's CUDA build is needed; kernels are "
             + ("turned off by MLX_DIFFGEMMA_KERNELS=0)" if not enabled() else "not used on the CPU)")
@@ -200,24 +229,27 @@ def selfcheck(shapes: list[tuple[int, int]] | None = None, log=print) -> dict[st
             f"{'equal' if same_ids else 'differ'}), {speedup:.2f}x the reference")  # fmt: skip
     verdict = {"vocab_pass": {"passed": passed, "device": t, "mlx": mx.__version__, "results": results}}
     results, passed = [], True
-    for N, V, H in [(256, 262_144, 2816), (64, 32_768, 512), (3, 1000, 96)]:
-        z = mx.array((rng.standard_normal((N, V)) * 3).astype(np.float32))
-        lse = mx.logsumexp(z, axis=-1)
-        table = mx.array((rng.standard_normal((V, H)) * 0.02).astype(np.float32))
+    for N, V, H, dtype in [(256, 262_144, 2816, mx.bfloat16), (64, 32_768, 512, mx.float32),
+                           (64, 32_768, 512, mx.float16), (3, 1000, 96, mx.float32)]:  # fmt: skip
+        logits = mx.array((rng.standard_normal((N, V)) * 8).astype(np.float32))
+        temps = mx.array(rng.uniform(0.4, 0.8, N).astype(np.float32))
+        lse = mx.logsumexp(_vp.scaled(logits, temps, 30.0), axis=-1)
+        table = mx.array((rng.standard_normal((V, H)) * 0.02).astype(np.float32)).astype(dtype)
         timings, outs = {}, {}
         for name, fn in (("kernel", soft_embed_kernel), ("reference", _sc.reference)):
-            mx.eval(fn(z, lse, table))
+            mx.eval(fn(logits, temps, lse, table, 30.0))
             tic = time.perf_counter()
             for _ in range(3):
-                outs[name] = fn(z, lse, table)
+                outs[name] = fn(logits, temps, lse, table, 30.0)
                 mx.eval(outs[name])
             timings[name] = (time.perf_counter() - tic) / 3
         err = float(mx.abs(outs["kernel"] - outs["reference"]).max())
         ok = err < 1e-4
         passed &= ok
         speedup = timings["reference"] / timings["kernel"]
-        results.append({"N": N, "V": V, "H": H, "max_abs": err, "speedup": speedup})
-        log(f"soft_embed {N}x{V}x{H}: {'pass' if ok else 'FAIL'} (within {err:.1e}), {speedup:.2f}x the reference")
+        results.append({"N": N, "V": V, "H": H, "table": str(dtype), "max_abs": err, "speedup": speedup})
+        log(f"soft_embed {N}x{V}x{H} ({dtype}): {'pass' if ok else 'FAIL'} (within {err:.1e}), "
+            f"{speedup:.2f}x the reference")  # fmt: skip
     verdict["soft_embed"] = {"passed": passed, "device": t, "mlx": mx.__version__, "results": results}
     results, passed = [], True
     for N, E, K in [(4096, 128, 8), (256, 128, 8), (5, 16, 4)]:

@@ -1,6 +1,8 @@
 """Self-conditioning's soft embedding without the (N, V) probabilities: out[n] = sum_v exp(z[n, v] - lse[n]) E[v]
-for scaled logits z (the vocabulary pass gives lse), an embedding table E (V, H), float32. What the decoder's
-first layer reads at every step after the first (times sqrt(hidden) and the model dtype, applied outside).
+where z = softcap(logits) / temperature is computed on the fly from the raw logits (the same scaled logits as the
+vocabulary pass, which gives lse), and E (V, H) is the embedding table, read in its own dtype (float32, float16 or
+bfloat16 on a GPU; float32 in the CPU expansion), accumulated in float32. What the decoder's first layer reads at
+every step after the first (times sqrt(hidden) and the model dtype, applied outside).
 
 One group of GROUP_THREADS threads per row. The vocabulary goes by in tiles of GROUP_THREADS: the threads compute
 the tile's probabilities together into shared memory, meet at a barrier, then each thread adds the tile's rows of
@@ -13,6 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .dialect import KernelSpec
+from .vocab import scaled
 
 MAX_COLS = 16  # columns per thread: H up to GROUP_THREADS * MAX_COLS
 
@@ -21,13 +24,23 @@ SHARED(float, s_p, GROUP_THREADS);
 const int t = TID;
 const int row = GROUP;
 const float lse = lses[row];
+const float inv_temp = 1.0f / temps[row];
+const float cap = params[0];
 float acc[MAX_COLS];
 for (int j = 0; j < MAX_COLS; ++j) {
   acc[j] = 0.0f;
 }
 for (int base = 0; base < V; base += GROUP_THREADS) {
   const int v = base + t;
-  s_p[t] = (v < V) ? EXPF(z[row * V + v] - lse) : 0.0f;
+  float prob = 0.0f;
+  if (v < V) {
+    float x = logits[row * V + v];
+    if (cap > 0.0f) {
+      x = cap * TANHF(x / cap);
+    }
+    prob = EXPF(x * inv_temp - lse);
+  }
+  s_p[t] = prob;
   BARRIER();
   const int n = (V - base < GROUP_THREADS) ? (V - base) : GROUP_THREADS;
   for (int i = 0; i < n; ++i) {
@@ -35,7 +48,7 @@ for (int base = 0; base < V; base += GROUP_THREADS) {
     for (int j = 0; j < MAX_COLS; ++j) {
       const int h = t + j * GROUP_THREADS;
       if (h < H) {
-        acc[j] += p * table[(base + i) * H + h];
+        acc[j] += p * static_cast<float>(table[(base + i) * H + h]);
       }
     }
   }
@@ -51,7 +64,13 @@ for (int j = 0; j < MAX_COLS; ++j) {
 
 SPEC = KernelSpec(
     name="self_cond",
-    inputs=(("z", "float32"), ("lses", "float32"), ("table", "float32")),
+    inputs=(
+        ("logits", "float32"),
+        ("temps", "float32"),
+        ("lses", "float32"),
+        ("table", "float32"),
+        ("params", "float32"),
+    ),
     outputs=(("out", "float32"),),
     constants=("V", "H", "GROUP_THREADS"),
     body=BODY,
@@ -59,6 +78,7 @@ SPEC = KernelSpec(
 GROUP_THREADS = 256
 
 
-def reference(z: mx.array, lse: mx.array, table: mx.array) -> mx.array:
-    """softmax(z) @ table from z (N, V), its log-sum-exp (N,) and table (V, H): (N, H) float32."""
-    return mx.exp(z.astype(mx.float32) - lse[:, None]) @ table.astype(mx.float32)
+def reference(logits: mx.array, temps: mx.array, lse: mx.array, table: mx.array, cap: float) -> mx.array:
+    """softmax(z) @ table, z = softcap(logits) / temperature, from raw logits (N, V), temperatures (N,), the
+    log-sum-exp of z (N,) and the table (V, H): (N, H) float32."""
+    return mx.exp(scaled(logits, temps, cap) - lse[:, None]) @ table.astype(mx.float32)

@@ -116,13 +116,18 @@ SPEC = KernelSpec(
 GROUP_THREADS = 256  # a power of two (the halving merge)
 
 
-def reference(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float) -> tuple[mx.array, mx.array]:
-    """The same results from MLX operations: stats (N, 3) = max, log-sum-exp, entropy of the scaled logits;
-    ids (N, 2) = argmax, Gumbel-max sample. logits, uniforms (N, V) float32; temps (N,); cap 0: no softcap."""
+def scaled(logits: mx.array, temps: mx.array, cap: float) -> mx.array:
+    """softcap(logits) / temperature per row, float32 (cap 0: no softcap): the logits the sampler reads."""
     x = logits.astype(mx.float32)
     if cap > 0:
         x = cap * mx.tanh(x / cap)
-    x = x / temps[:, None]
+    return x / temps[:, None]
+
+
+def reference(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float) -> tuple[mx.array, mx.array]:
+    """The same results from MLX operations: stats (N, 3) = max, log-sum-exp, entropy of the scaled logits;
+    ids (N, 2) = argmax, Gumbel-max sample. logits, uniforms (N, V) float32; temps (N,); cap 0: no softcap."""
+    x = scaled(logits, temps, cap)
     m = x.max(axis=-1)
     z = x - m[:, None]
     e = mx.exp(z)
