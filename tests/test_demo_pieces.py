@@ -60,3 +60,58 @@ def test_demo_name_resolves_to_the_package_folder():
     assert resolve_path("demo") == Path(mlx_diffgemma.__file__).resolve().parent / "demo" / "model"
     with pytest.raises(LoadError):
         resolve_path("/definitely/not/here")
+
+
+def test_version_2_tasks_are_correct_and_chat_shaped():
+    from mlx_diffgemma.demo import SYSTEMS, question
+
+    ex = examples(3000, 5, version=2)
+    assert ex == examples(3000, 5, version=2) and ex[:50] != examples(50, 5)
+    seen, chat, sizes = set(), {"system": 0, "history": 0}, {}
+    for prompt, answer in ex:
+        q = question(prompt)
+        task = task_of(prompt)
+        seen.add(task)
+        assert answer == right_answer(q)
+        rest = q.partition(": ")[2]
+        size = {"sort": len(rest.split()), "reverse": len(rest), "brackets": len(rest), "add": len(answer)}
+        sizes.setdefault(task, set()).add(size.get(task, len(answer)))
+        if isinstance(prompt, list):
+            assert prompt[-1] == {"role": "user", "content": q}
+            if prompt[0]["role"] == "system":
+                chat["system"] += 1
+                assert prompt[0]["content"] in SYSTEMS
+            turns = [m for m in prompt if m["role"] != "system"][:-1]
+            chat["history"] += bool(turns)
+            for user, model in zip(turns[::2], turns[1::2]):  # earlier turns carry their right answers
+                assert (user["role"], model["role"]) == ("user", "assistant")
+                assert model["content"] == right_answer(user["content"])
+    assert seen == set(TASKS)
+    assert (min(sizes["sort"]), max(sizes["sort"])) == (3, 12) and (min(sizes["reverse"]), max(sizes["reverse"])) == (
+        4,
+        16,
+    )
+    assert sizes["add"] == {4} and (min(sizes["brackets"]), max(sizes["brackets"])) == (4, 12)
+    assert max(sizes["code"]) > 64  # some answers run past one canvas
+    assert 700 < chat["system"] < 1100 and 700 < chat["history"] < 1100
+    with pytest.raises(ValueError, match="versions 1 and 2"):
+        examples(1, 0, version=3)
+
+
+def right_answer(q: str) -> str:
+    """The answer to a version-2 question, worked out from the question alone."""
+    kind, _, rest = q.partition(": ")
+    if kind == "Sort":
+        return " ".join(sorted(rest.split(), key=int))
+    if kind == "Reverse":
+        return rest[::-1]
+    if kind == "Add":
+        a, b = rest.split(" + ")
+        assert len(a) == len(b) == 3
+        return f"{int(a) + int(b):04d}"
+    if kind == "Close":
+        return "".join(dict(zip("([{<", ")]}>"))[c] for c in reversed(rest))
+    head, _, said = q.partition(" that ")  # the function the prompt describes, line by line
+    steps = said.rstrip(".").split(", then ")
+    lines = [s.removeprefix("sets ") for s in steps[:-1]] + ["return " + steps[-1].removeprefix("returns ")]
+    return f"def {head.removeprefix('Write a Python function ')}:" + "".join(f"\n    {x}" for x in lines)
