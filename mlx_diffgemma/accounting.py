@@ -31,11 +31,22 @@ class Cost:
         )
 
 
-def step_costs(config: ModelConfig, prefix: int, weight_bits: float = 32, act_bytes: int = 4) -> dict[str, Cost]:
+def step_costs(
+    config: ModelConfig,
+    prefix: int,
+    weight_bits: float = 32,
+    act_bytes: int = 4,
+    queries: int | None = None,
+    sc_top_k: int | None = None,
+) -> dict[str, Cost]:
     """Cost of one denoising step per component (batch 1). `weight_bits`: bits per weight as stored (32 for
-    float32, 16 for bfloat16, about 4.5 for 4-bit affine with scales)."""
+    float32, 16 for bfloat16, about 4.5 for 4-bit affine with scales). `queries`: the canvas positions the step
+    forwards (a speed mode's partial step; all C by default), each still attending to the prefix and all C.
+    `sc_top_k`: self-conditioning from each position's k likeliest embedding rows instead of the whole table."""
     t = config.text_config
-    C, V, H = config.canvas_length, t.vocab_size, t.hidden_size
+    V, H = t.vocab_size, t.hidden_size
+    C = config.canvas_length if queries is None else queries  # the positions that run through the layers
+    attended = config.canvas_length
     wb = weight_bits / 8
     heads = t.num_attention_heads
     costs = dict.fromkeys(COMPONENTS, Cost(0, 0, 0))
@@ -46,7 +57,7 @@ def step_costs(config: ModelConfig, prefix: int, weight_bits: float = 32, act_by
     for s in t.layers:
         d, kv = s.head_dim, s.num_key_value_heads
         proj = H * heads * d + H * kv * d * (2 if s.has_v_proj else 1) + heads * d * H  # q, k(, v), o
-        keys = (min(prefix, t.sliding_window - 1) if s.is_sliding else prefix) + C
+        keys = (min(prefix, t.sliding_window - 1) if s.is_sliding else prefix) + attended
         add("attention", 2 * C * proj + 4 * C * heads * d * keys, proj, C * (2 * H + 2 * heads * d) + heads * C * keys)
         dense = 3 * H * t.intermediate_size
         add("dense MLP", 2 * C * dense, dense, C * (2 * H + 3 * t.intermediate_size))
@@ -57,7 +68,14 @@ def step_costs(config: ModelConfig, prefix: int, weight_bits: float = 32, act_by
         add("experts", 2 * C * k * expert, chosen * expert, C * k * (2 * H + 3 * t.moe_intermediate_size))
     add("output head", 2 * C * H * V, V * H, C * (H + V))
     sc_mlp = 3 * H * t.intermediate_size
-    add("self-conditioning", 2 * C * V * H + 2 * C * sc_mlp, V * H + sc_mlp, C * (V + 3 * H + 3 * t.intermediate_size))
+    rows = V if sc_top_k is None else min(sc_top_k, V)
+    table = V * H if sc_top_k is None else min(C * rows, V) * H  # the rows read
+    add(
+        "self-conditioning",
+        2 * C * rows * H + 2 * C * sc_mlp,
+        table + sc_mlp,
+        C * (V + 3 * H + 3 * t.intermediate_size),
+    )
     # softcap, temperature, max, exp, sum, entropy, argmax, cumulative sum, draw: about 12 operations per logit
     add("sampler", 12 * C * V, 0, 4 * C * V)
     return costs

@@ -20,7 +20,7 @@ import mlx.core as mx
 from . import sampling
 from .cache import FullAttentionCache, PromptCache, join_rows, subset
 from .config import GenerationConfig
-from .generate import Commit, Step, _check_context, check_ids, fused, prefill
+from .generate import Commit, Step, _check_context, check_ids, fused, partial_steps, prefill
 from .model import Model
 
 
@@ -126,6 +126,11 @@ class Batch:
         """Queue a request (validated now: ids, context, memory); it joins at the next block boundary."""
         if not req.ids:
             raise ValueError("the prompt is empty")
+        if partial_steps(req.g):
+            raise ValueError(
+                "speed modes (freezing, confidence acceptance, the EOS exit) run one prompt at a time for now; "
+                "a batch takes exact mode and --sc-top-k"
+            )
         check_ids(self.model, req.ids)
         _check_context(self.model, self.model.make_cache(), len(req.ids), req.max_tokens)
         self.waiting.append(_Row(req, req.key))

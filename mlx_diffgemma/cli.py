@@ -30,6 +30,12 @@ FLAGS = {
     "confidence_threshold": "--confidence",
     "max_new_tokens": "--max-tokens",
     "sc_top_k": "--sc-top-k",
+    "mode": "--mode",
+    "freeze_after": "--freeze-after",
+    "refresh_every": "--refresh-every",
+    "accept": "--accept",
+    "accept_confidence": "--accept-confidence",
+    "eos_exit": "--eos-exit",
 }
 TRAIN_FLAGS = {
     "steps": "--steps",
@@ -97,9 +103,34 @@ Think = Annotated[bool, typer.Option("--think/--no-think", help="Let the model t
 Live = Annotated[Optional[bool], typer.Option("--live/--no-live", help="Live canvas (default: on a terminal).")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16 (default: stored).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected failure.")]
+Mode = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mode",
+        help="exact (default: the reference algorithm), fast or turbo: speed modes that trade some accuracy; "
+        "what each costs is in the README (benchmarks/RESULTS.md).",
+    ),
+]
+FreezeAfter = Annotated[
+    Optional[int],
+    typer.Option("--freeze-after", help="Speed knob: freeze a position accepted with the same argmax N+1 steps."),
+]
+RefreshEvery = Annotated[
+    Optional[int], typer.Option("--refresh-every", help="Speed knob: with freezing, a full forward every N steps.")
+]
+Accept = Annotated[
+    Optional[str], typer.Option("--accept", help="Speed knob: acceptance by 'entropy' (exact) or 'confidence'.")
+]
+AcceptConfidence = Annotated[
+    Optional[float], typer.Option("--accept-confidence", help="Speed knob: top probability to accept (confidence).")
+]
+EosExit = Annotated[
+    Optional[bool], typer.Option("--eos-exit/--no-eos-exit", help="Speed knob: end a block once it is all EOS.")
+]
 
 
-def _settings(steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k=None) -> dict:
+def _settings(steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k=None, **knobs) -> dict:
+    """The sampler flags given, by setting name (`knobs`: the speed mode and its finer knobs)."""
     return {
         k: v
         for k, v in dict(
@@ -110,6 +141,7 @@ def _settings(steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_
             stability_threshold=stability,
             confidence_threshold=confidence,
             sc_top_k=sc_top_k,
+            **knobs,
         ).items()
         if v is not None
     }
@@ -119,11 +151,15 @@ def _check_flags(overrides: dict, max_tokens: int | None, seed: int | None = Non
     """Flag values that are wrong whatever the checkpoint says: a usage error before loading anything."""
     import dataclasses
 
-    from .config import ConfigError, GenerationConfig
+    from .config import MODES, ConfigError, GenerationConfig
 
     if seed is not None and seed < 0:
         _fail(f"--seed must be an integer >= 0, got {seed}", 2)
     g = GenerationConfig()
+    overrides = dict(overrides)
+    mode = overrides.pop("mode", None)
+    if mode is not None and mode not in MODES:
+        _fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}", 2)
     try:
         g = dataclasses.replace(g, **overrides)
         if "t_min" not in overrides or "t_max" not in overrides:  # the other one comes from the checkpoint
@@ -210,6 +246,12 @@ def generate(
         Optional[int],
         typer.Option("--sc-top-k", help="Approximate self-conditioning with the K likeliest tokens (off: exact)."),
     ] = None,
+    mode: Mode = None,
+    freeze_after: FreezeAfter = None,
+    refresh_every: RefreshEvery = None,
+    accept: Accept = None,
+    accept_confidence: AcceptConfidence = None,
+    eos_exit: EosExit = None,
     seed: Seed = None,
     system: System = None,
     think: Think = False,
@@ -226,7 +268,10 @@ def generate(
     FILE, generate a batch and print one JSON line per answer as it finishes."""
     from .generate import stream_generate
 
-    overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k)
+    overrides = _settings(
+        steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k, mode=mode, freeze_after=freeze_after,
+        refresh_every=refresh_every, accept=accept, accept_confidence=accept_confidence, eos_exit=eos_exit,
+    )  # fmt: skip
     _check_flags(overrides, max_tokens, seed)
     if batch_size is not None and batch_size < 1:
         _fail("--batch-size must be at least 1", 2)
@@ -318,6 +363,7 @@ def chat(
     t_max: TMax = None,
     stability: Stability = None,
     confidence: Confidence = None,
+    mode: Mode = None,
     seed: Seed = None,
     system: System = None,
     think: Think = False,
@@ -329,7 +375,7 @@ def chat(
     /load FILE, /quit."""
     from . import chat as chatting
 
-    overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence)
+    overrides = _settings(steps, entropy_bound, t_min, t_max, stability, confidence, mode=mode)
     _check_flags(overrides, max_tokens, seed)
     m, tok = _load(model, dtype)
     _checked_settings(m, overrides)

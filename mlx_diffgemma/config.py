@@ -271,6 +271,16 @@ class GenerationConfig:
     # Opt-in approximation (not transformers'): self-conditioning from the k most probable tokens' embeddings
     # instead of the whole softmax; None is exact.
     sc_top_k: int | None = None
+    # Opt-in speed knobs (not transformers'; see MODES). None / "entropy" / False is exact.
+    freeze_after: int | None = None  # freeze a position once accepted with the same argmax this many steps
+    refresh_every: int | None = None  # with freezing: a full forward (fresh K/V for all) every this many steps
+    accept: str = "entropy"  # "entropy": the entropy bound; "confidence": top probability >= accept_confidence
+    accept_confidence: float = 0.9
+    eos_exit: bool = False  # end a block at once when its argmax canvas is all end-of-sequence tokens
+
+    def is_exact(self) -> bool:
+        """Whether these settings run the reference algorithm (no speed knob on)."""
+        return (self.sc_top_k, self.freeze_after, self.accept, self.eos_exit) == (None, None, "entropy", False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], text: TextConfig | None = None) -> GenerationConfig:
@@ -327,10 +337,30 @@ class GenerationConfig:
             require_int(n("eos_token_id"), e, 0)
         if self.sc_top_k is not None:
             require_int(n("sc_top_k"), self.sc_top_k, 1)
+        if self.freeze_after is not None:
+            require_int(n("freeze_after"), self.freeze_after, 0)
+        if self.refresh_every is not None:
+            require_int(n("refresh_every"), self.refresh_every, 1)
+        if self.accept not in ("entropy", "confidence"):
+            raise ConfigError(f'{n("accept")} must be "entropy" or "confidence", got {self.accept!r}')
+        require_float(n("accept_confidence"), self.accept_confidence, positive=True)
+        if self.accept_confidence > 1:
+            raise ConfigError(f"{n('accept_confidence')} must be at most 1, got {self.accept_confidence!r}")
+        if not isinstance(self.eos_exit, bool):
+            raise ConfigError(f"{n('eos_exit')} must be true or false, got {self.eos_exit!r}")
         if self.t_max <= self.t_min:
             raise ConfigError(
                 f"{n('t_max')} must be greater than {n('t_min')} ({n('t_min')}={self.t_min}, {n('t_max')}={self.t_max})"
             )
+
+
+# Named speed modes: the knobs each sets (a setting given explicitly wins). What each costs in accuracy is measured
+# by benchmarks/eval_modes.py (benchmarks/RESULTS.md) and `mlx_diffgemma eval` on a user's own data.
+MODES: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "fast": {"freeze_after": 1, "refresh_every": 4, "eos_exit": True},
+    "turbo": {"freeze_after": 0, "sc_top_k": 16, "accept": "confidence", "accept_confidence": 0.7, "eos_exit": True},
+}
 
 
 def require_int(name: str, value: Any, minimum: int) -> int:

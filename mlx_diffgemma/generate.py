@@ -17,8 +17,8 @@ import mlx.core as mx
 
 from . import kernels, memory, sampling
 from .cache import PromptCache
-from .config import GenerationConfig
-from .model import Model
+from .config import MODES, ConfigError, GenerationConfig
+from .model import CanvasKV, Model
 from .noise import Noise
 
 
@@ -31,6 +31,7 @@ class Step:
     draft: mx.array  # (C,) the argmax canvas after this step (unevaluated until read)
     settled: mx.array  # (C,) bool: the positions the sampler accepted this step (the rest were renoised)
     row: int = 0  # which prompt of a batch (0 for a single prompt)
+    queries: int | None = None  # canvas positions this step forwarded (None: all; fewer in a speed mode)
 
     @property
     def accepted(self) -> int:
@@ -56,14 +57,21 @@ class PromptError(ValueError):
     with the reason in one line."""
 
 
-def settings(model: Model, *, names: dict[str, str] | None = None, **overrides) -> GenerationConfig:
-    """The checkpoint's generation defaults with keyword overrides, validated (a ConfigError on bad values, naming
-    each setting as `names` says, e.g. by its command-line flag)."""
+def settings(
+    model: Model, *, mode: str | None = None, names: dict[str, str] | None = None, **overrides
+) -> GenerationConfig:
+    """The checkpoint's generation defaults with a speed mode's knobs (config.MODES; None or "exact": none) and
+    keyword overrides on top, validated (a ConfigError on bad values, naming each setting as `names` says, e.g.
+    by its command-line flag)."""
     base = getattr(model, "generation_config", None) or GenerationConfig()
     unknown = set(overrides) - {f.name for f in dataclasses.fields(GenerationConfig)}
     if unknown:
         raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-    g = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if mode is not None and mode not in MODES:
+        flag = (names or {}).get("mode", "mode")
+        raise ConfigError(f"{flag} must be one of {', '.join(MODES)}, got {mode!r}")
+    knobs = {**MODES[mode or "exact"], **{k: v for k, v in overrides.items() if v is not None}}
+    g = dataclasses.replace(base, **knobs)
     if isinstance(g.eos_token_id, int):
         g.eos_token_id = [g.eos_token_id]
     g.validate(names)
@@ -133,6 +141,12 @@ def _make_fused_step_fn(g: GenerationConfig, vocab: int, cap: float):
     return step_fn
 
 
+def partial_steps(g: GenerationConfig) -> bool:
+    """Whether `g` needs a speed mode's block loop (freezing, confidence acceptance or the EOS exit; top-k
+    self-conditioning alone runs in the exact loop)."""
+    return g.freeze_after is not None or g.accept != "entropy" or g.eos_exit
+
+
 def fused() -> bool:
     """Whether generation's steps go through the kernels here (the vocabulary pass runs as a kernel)."""
     return kernels.use_kernel("vocab_pass")
@@ -174,6 +188,9 @@ def generate_step(
     else:
         step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
     eos = set(g.eos_token_id)
+    fast = partial_steps(g)
+    if fast and noise is not None:
+        raise ValueError("shared noise replays exact mode only")
     pending = prompt  # tokens to encode before the next block
     produced = 0
     for block in range(math.ceil(max_tokens / C)):
@@ -186,7 +203,12 @@ def generate_step(
             canvas = noise.canvas(block, (1, C)).astype(mx.int32)
         history = sampling.new_history(g.stability_threshold, 1, C)
         sc, argmax, steps = None, canvas, 0
-        for countdown in range(N, 0, -1):  # transformers' step counter: N first, 1 at the last possible step
+        if fast:
+            key, k_block = mx.random.split(key)
+            argmax, steps = yield from _fast_block(model, cache, g, canvas, k_block, block)
+        for countdown in (
+            range(N, 0, -1) if not fast else ()
+        ):  # transformers' step counter: N first, 1 at the last possible step
             if through_kernels:
                 soft = None if sc is None else model.soft_embed_logits(*sc, top_k=g.sc_top_k)
                 logits = model.denoise(canvas, cache, self_conditioning_embeds=soft, softcap=False)
@@ -201,7 +223,7 @@ def generate_step(
             canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, *randomness)
             steps += 1
             mx.async_eval(canvas, argmax, stop)
-            yield Step(block, steps, argmax[0], mask[0])
+            yield Step(block, steps, argmax[0], mask[0], queries=C)
             if stop.item():  # the one host read per step
                 break
         tokens = argmax[0].tolist()
@@ -215,6 +237,75 @@ def generate_step(
         if reason is not None:
             return
         pending = argmax
+
+
+def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: mx.array, key: mx.array, block: int):
+    """One block in a speed mode (a generator of Steps; returns the argmax canvas (1, C) and the steps taken).
+
+    As exact mode, but: acceptance by the entropy bound or by confidence (top probability >= accept_confidence,
+    the most confident position at least); with `freeze_after`, a position accepted with an unchanged argmax for
+    freeze_after + 1 steps in a row freezes (its token is its argmax, it is no longer renoised or forwarded, and
+    later steps attend to its recorded K/V), and every `refresh_every` steps one full forward refreshes every
+    K/V; the block ends when every position is frozen, by the reference stop rule, or (eos_exit) as soon as
+    its argmax canvas is all end-of-sequence tokens."""
+    import numpy as np
+
+    C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
+    eos = np.array(sorted(set(g.eos_token_id)))
+    kv = CanvasKV() if g.freeze_after is not None else None
+    frozen, run = np.zeros(C, bool), np.zeros(C, np.int64)
+    tokens = np.array(canvas[0])
+    argmax = tokens.copy()
+    history = sampling.new_history(g.stability_threshold, 1, C)
+    soft, since_full = None, 0
+    for steps, countdown in enumerate(range(N, 0, -1), 1):
+        full = kv is None or steps == 1 or not frozen.any() or (g.refresh_every and since_full >= g.refresh_every)
+        pos = np.arange(C) if full else np.nonzero(~frozen)[0]
+        live = None if full else mx.array(pos, dtype=mx.int32)
+        since_full = 1 if full else since_full + 1
+        logits = model.denoise(mx.array(tokens)[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live)
+        temp = sampling.temperature(countdown, g.t_min, g.t_max, N)
+        processed = logits / temp
+        probs, h = sampling.softmax_entropy(processed)  # (1, L, V), (1, L): the forwarded positions
+        key, k_sample, k_noise = mx.random.split(key, 3)
+        sampled = sampling.sample(processed, key=k_sample)[0]
+        noise = sampling.random_canvas((len(pos),), V, key=k_noise)
+        cand = ~frozen[pos]  # frozen positions forwarded by a full step keep their token
+        h_cand = mx.where(mx.array(cand), h[0], mx.inf)
+        if g.accept == "entropy":
+            acc = sampling.accept_mask(None, g.entropy_bound, h_cand[None])[0]
+        else:
+            top = probs[0].max(axis=-1)
+            best = mx.argmin(h_cand)  # at least the most certain candidate
+            acc = (top >= g.accept_confidence) | (mx.arange(len(pos)) == best)
+        this = model.soft_embed_probs(probs) if g.sc_top_k is None else model.soft_embed_top_k(probs, g.sc_top_k)[0]
+        soft = (
+            this
+            if full
+            else mx.zeros_like(soft).at[:, live].add(this) + mx.where(mx.array(frozen)[None, :, None], soft, 0)
+        )
+        am, sampled, acc, noise, h = (np.array(a) for a in (processed[0].argmax(-1), sampled, acc, noise, h[0]))
+        acc &= cand
+        same = argmax[pos] == am
+        argmax[pos[cand]] = am[cand]
+        tokens[pos[cand]] = np.where(acc, sampled, noise)[cand]
+        run[pos] = np.where(acc, np.where(same, run[pos] + 1, 1), 0)
+        if g.freeze_after is not None:
+            newly = acc & (run[pos] > g.freeze_after)
+            frozen[pos[newly]] = True
+            tokens[pos[newly]] = am[newly]
+        settled = frozen.copy()
+        settled[pos[acc]] = True
+        draft = mx.array(argmax)
+        yield Step(block, steps, draft, mx.array(settled), queries=len(pos))
+        entropy = np.zeros(C, np.float32)
+        entropy[pos[cand]] = h[cand]
+        stop, history = sampling.stop_criterion(
+            history, draft[None], None, g.confidence_threshold, mx.array(entropy)[None]
+        )
+        if frozen.all() or (g.eos_exit and np.isin(argmax, eos).all()) or bool(stop.all()):
+            break
+    return mx.array(argmax)[None], steps
 
 
 # ---- text ------------------------------------------------------------------------------------------------------

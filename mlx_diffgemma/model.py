@@ -18,7 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import fastmath, kernels
-from .cache import FullAttentionCache, KVSource, PromptCache, SlidingWindowCache
+from .cache import FullAttentionCache, KVSource, PromptCache, SlidingWindowCache, context_source
 from .config import LayerSpec, ModelConfig, TextConfig
 
 Mask = mx.array | str | None
@@ -93,6 +93,12 @@ class Attention(nn.Module):
         self._freqs = _rope_freqs(rope, hd)
 
     def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        """x (B, heads, L, hd) at positions offset.. (an int, or one offset per row (B,)), or at the positions
+        `offset` (B, L) gives one by one (a speed mode's scattered canvas positions)."""
+        if isinstance(offset, mx.array) and offset.ndim == 2:  # each position its own row for mx.fast.rope
+            B, h, L, d = x.shape
+            rows = x.transpose(0, 2, 1, 3).reshape(B * L, h, 1, d)
+            return self._rope(rows, offset.reshape(-1)).reshape(B, L, h, d).transpose(0, 2, 1, 3)
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
 
     def __call__(self, x: mx.array, offset: int | mx.array, kv: KVSource, mask: Mask) -> mx.array:
@@ -341,6 +347,39 @@ class SelfConditioning(nn.Module):
         return mx.fast.rms_norm(embeds, None, self.eps)
 
 
+class CanvasKV:
+    """Each decoder layer's K/V over the whole canvas, from the steps that computed them: what a speed mode's
+    partial steps attend to for the positions they do not forward (frozen ones, whose K/V are then stale: computed
+    while the rest of the canvas held other tokens)."""
+
+    def __init__(self) -> None:
+        self.kv: list[tuple[mx.array, mx.array] | None] = []
+
+    def sources(self, cache: PromptCache, live: mx.array | None) -> list[KVSource]:
+        """KV sources for `denoise`: a full step (live None) records every layer's canvas K/V; a partial step
+        puts its live positions' fresh K/V in place of the recorded ones and attends to the result."""
+        if not self.kv:
+            self.kv = [None] * len(cache.layers)
+        if live is not None and any(kv is None for kv in self.kv):
+            raise ValueError("a partial step needs a full one first")
+        out = []
+        for i, c in enumerate(cache.layers):
+            ctx = c.context()
+
+            def read(k: mx.array, v: mx.array, i: int = i, ctx=ctx):
+                if live is not None:
+                    K, V = self.kv[i]
+                    C = K.shape[2]
+                    where = (mx.zeros((C,), dtype=mx.int32).at[live].add(1) > 0)[None, None, :, None]
+                    slot = mx.zeros((C,), dtype=mx.int32).at[live].add(mx.arange(live.shape[0], dtype=mx.int32))
+                    k, v = mx.where(where, k[:, :, slot], K), mx.where(where, v[:, :, slot], V)
+                self.kv[i] = (k, v)
+                return context_source(ctx)(k, v)
+
+            out.append(read)
+        return out
+
+
 def attention_masks(cfg: TextConfig, offset: int, length: int, cached: dict[str, int]) -> dict[str, Mask]:
     """Causal masks for encoding `length` new tokens at `offset`, after `cached[type]` cached positions.
 
@@ -518,13 +557,19 @@ class Model(nn.Module):
         sc_top_k: int | None = None,
         self_conditioning_embeds: mx.array | None = None,
         softcap: bool = True,
+        canvas_kv: CanvasKV | None = None,
+        live: mx.array | None = None,
     ) -> mx.array:
         """Bidirectional pass over cache + canvas (B, C) -> float32 logits (B, C, V); the cache is unchanged. The
         self-conditioning signal is the previous step's logits (transformers' form), or their softmax when the
         caller already has it (generation: the sampler computes it anyway). `start` as for `encode`. `sc_top_k`:
         the approximation of `soft_embed_top_k` for the probabilities' signal. `self_conditioning_embeds`: the
         signal already embedded (B, C, H) (a batch whose rows embed theirs differently). `softcap` False: the
-        logits before the final softcap (the kernels' step applies it)."""
+        logits before the final softcap (the kernels' step applies it).
+
+        Speed modes: `canvas_kv` records each layer's canvas K/V; with `live` (ascending canvas positions) only
+        those positions are forwarded, attending to the cache, their own fresh K/V and the recorded K/V of the
+        others, and the logits are (B, len(live), V)."""
         x = self.embed(canvas)
         if self_conditioning_embeds is not None:
             soft = self_conditioning_embeds
@@ -536,13 +581,18 @@ class Model(nn.Module):
             soft = self.soft_embed(self_conditioning_logits)
         else:
             soft = None
+        offset, masks, sources = cache.offset, {}, cache.readers()
+        if live is not None:
+            x, soft = x[:, live], None if soft is None else soft[:, live]
+            offset = (offset + live)[None].astype(mx.int32)
         x = self.self_conditioning(x, soft)
-        offset, masks = cache.offset, {}
+        if canvas_kv is not None:
+            sources = canvas_kv.sources(cache, live)
         if start is not None:
             cached = self._cached(cache)
             masks = padding_masks(dict.fromkeys(cached), offset, canvas.shape[1], cached, start)
             offset = offset - start
-        h = self.forward(x, offset, cache.readers(), masks, decoder=True)
+        h = self.forward(x, offset, sources, masks, decoder=True)
         return self.logits(h, softcap)
 
     # ---- checkpoint names -------------------------------------------------------------------------------------
