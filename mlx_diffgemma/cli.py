@@ -806,6 +806,72 @@ def _size_report(hf_path: str, dtype: str | None, recipes) -> str:
 BENCH_PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a docstring."
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Model_,
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", help='JSON lines: {"prompt": TEXT} or {"messages": [...]}, each with an optional "answer".'
+        ),
+    ],
+    mode: Annotated[
+        Optional[list[str]],
+        typer.Option("--mode", help="A mode to measure: exact, fast, turbo (repeat or comma-separate; default all)."),
+    ] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts.")] = None,
+    max_tokens: MaxTokens = None,
+    seed: Annotated[int, typer.Option("--seed", help="Prompt i is generated with seed + i.")] = 0,
+    dtype: Dtype = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The results as one JSON object.")] = False,
+    debug: Debug = False,
+) -> None:
+    """What each speed mode costs on your own model and prompts: exact-match accuracy against the answers given
+    (or agreement with exact mode's answer where a prompt has none), steps per block, tokens per forward, decoder
+    FLOPs per generated token and tokens/s, the modes run side by side prompt by prompt."""
+    import json
+
+    from .config import MODES
+    from .evaluate import evaluate, read_items, table
+
+    names = [m.strip() for given in mode or list(MODES) for m in given.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        _fail(f"--mode must be among {', '.join(MODES)}, got {', '.join(unknown) or 'nothing'}", 2)
+    if limit is not None and limit < 1:
+        _fail("--limit must be at least 1", 2)
+    if seed < 0:
+        _fail(f"--seed must be an integer >= 0, got {seed}", 2)
+    _check_flags({}, max_tokens)
+    try:
+        items = read_items(data)[:limit]
+    except ValueError as e:
+        _fail(str(e))
+    modes = {name: {"mode": name} for name in dict.fromkeys(names)}
+    if any(it.answer is None for it in items):
+        modes = {"exact": {"mode": "exact"}, **modes}
+    m, tok = _load(model, dtype)
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty or done == total or done % 10 == 0:
+            typer.echo(f"{done}/{total} prompts", err=True, nl=not tty or done == total)
+            if tty and done < total:
+                typer.echo("\r", err=True, nl=False)
+
+    try:
+        results = evaluate(m, tok, items, modes, seed=seed, max_tokens=max_tokens, progress=progress)
+    except ValueError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    against = "the answers given" if all(it.answer is not None for it in items) else "the answers, else exact mode"
+    if as_json:
+        typer.echo(json.dumps({"scored_against": against, "results": [r.row() for r in results.values()]}))
+        return
+    typer.echo(table(results, against))
+
+
 @app.command()
 def bench(
     model: Model_,

@@ -174,6 +174,7 @@ def table(results: dict[str, ModeResult], scored_against: str = "the reference a
     for r in results.values():
         rel = f"{100 * r.accuracy / exact.accuracy:.1f}%" if exact and exact.accuracy else ""
         fewer = f"{exact.flops_per_token / r.flops_per_token:.2f}x fewer" if exact and r.flops_per_token else ""
+        fewer = "" if r is exact else fewer
         lines.append(
             f"| {r.name} | {100 * r.accuracy:.1f}% ({r.right}/{r.n}) | {rel} | {r.steps_per_block:.2f} | "
             f"{r.tokens_per_forward:.2f} | {r.flops_per_token / 1e9:.4f} | {fewer} | {r.tokens_per_s:.1f} |"

@@ -204,8 +204,7 @@ def generate_step(
         history = sampling.new_history(g.stability_threshold, 1, C)
         sc, argmax, steps = None, canvas, 0
         if fast:
-            key, k_block = mx.random.split(key)
-            argmax, steps = yield from _fast_block(model, cache, g, canvas, k_block, block)
+            argmax, steps, key = yield from _fast_block(model, cache, g, canvas, key, block)
         for countdown in (
             range(N, 0, -1) if not fast else ()
         ):  # transformers' step counter: N first, 1 at the last possible step
@@ -240,7 +239,9 @@ def generate_step(
 
 
 def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: mx.array, key: mx.array, block: int):
-    """One block in a speed mode (a generator of Steps; returns the argmax canvas (1, C) and the steps taken).
+    """One block in a speed mode (a generator of Steps; returns the argmax canvas (1, C), the steps taken and the
+    key to go on with). Its random numbers are drawn as exact mode's loop draws them, so with every knob neutral
+    it gives exact mode's tokens.
 
     As exact mode, but: acceptance by the entropy bound or by confidence (top probability >= accept_confidence,
     the most confident position at least); with `freeze_after`, a position accepted with an unchanged argmax for
@@ -267,7 +268,8 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
         temp = sampling.temperature(countdown, g.t_min, g.t_max, N)
         processed = logits / temp
         probs, h = sampling.softmax_entropy(processed)  # (1, L, V), (1, L): the forwarded positions
-        key, k_sample, k_noise = mx.random.split(key, 3)
+        key, k_step = mx.random.split(key)
+        k_sample, k_noise = mx.random.split(k_step)
         sampled = sampling.sample(processed, key=k_sample)[0]
         noise = sampling.random_canvas((len(pos),), V, key=k_noise)
         cand = ~frozen[pos]  # frozen positions forwarded by a full step keep their token
@@ -305,7 +307,7 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
         )
         if frozen.all() or (g.eos_exit and np.isin(argmax, eos).all()) or bool(stop.all()):
             break
-    return mx.array(argmax)[None], steps
+    return mx.array(argmax)[None], steps, key
 
 
 # ---- text ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,177 @@
+"""Speed modes: the partial-step machinery is exact where it should be (a partial step over an unchanged canvas
+gives the full step's logits; the speed-mode loop with every knob neutral gives exact mode's tokens), each knob
+does what it says, the modes resolve and validate, and `eval` measures them."""
+
+import importlib
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_diffgemma import load
+from mlx_diffgemma.config import MODES, ConfigError
+from mlx_diffgemma.generate import Commit, Step, generate_step, prefill, render_prompt, settings
+from mlx_diffgemma.model import CanvasKV
+
+gen = importlib.import_module("mlx_diffgemma.generate")  # the module (the package's `generate` is the function)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load("demo")
+
+
+def test_a_partial_step_over_an_unchanged_canvas_gives_the_full_steps_logits(checkpoint):
+    model = load(checkpoint("basic"))[0]  # sliding and full layers, canvas 16
+    C = model.canvas_length
+    cache = model.make_cache()
+    prefill(model, mx.array([list(range(3, 40))]), cache)  # longer than the sliding window
+    canvas = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, C)).astype(np.int32))
+    soft = mx.array(np.random.default_rng(1).normal(0, 1, (1, C, model.args.hidden_size)).astype(np.float32))
+    want = model.denoise(canvas, cache, self_conditioning_embeds=soft)
+    kv = CanvasKV()
+    full = model.denoise(canvas, cache, self_conditioning_embeds=soft, canvas_kv=kv)
+    assert mx.array_equal(full, want)
+    for live in ([0, 5, 6, 15], [3], list(range(C))):
+        idx = mx.array(live, dtype=mx.int32)
+        part = model.denoise(canvas, cache, self_conditioning_embeds=soft, canvas_kv=kv, live=idx)
+        assert part.shape == (1, len(live), model.args.vocab_size)
+        np.testing.assert_allclose(np.array(part), np.array(want[:, idx]), rtol=1e-5, atol=1e-5)
+    other = mx.array(np.random.default_rng(2).integers(0, model.args.vocab_size, (1, C)).astype(np.int32))
+    stale = model.denoise(other, cache, self_conditioning_embeds=soft, canvas_kv=kv, live=mx.array([0, 1]))
+    fresh = model.denoise(other, cache, self_conditioning_embeds=soft)[:, :2]
+    assert not np.allclose(np.array(stale), np.array(fresh), atol=1e-3)  # the others' K/V are the recorded ones
+    with pytest.raises(ValueError, match="full one first"):
+        model.denoise(canvas, cache, canvas_kv=CanvasKV(), live=mx.array([0]))
+
+
+def test_the_speed_mode_loop_with_neutral_knobs_gives_exact_modes_tokens(demo, monkeypatch):
+    model, tok = demo
+    g = settings(model)
+    from mlx_diffgemma.demo import HELD_OUT_SEED, examples
+
+    def run(**kw):
+        out = []
+        for i, (p, _) in enumerate(examples(6, HELD_OUT_SEED)):
+            events = generate_step(
+                model, mx.array([render_prompt(tok, p)]), settings(model, **kw), 40, key=mx.random.key(i)
+            )
+            out.append([(e.tokens, e.steps) for e in events if isinstance(e, Commit)])
+        return out
+
+    exact = run()
+    monkeypatch.setattr(gen, "partial_steps", lambda g: True)  # the speed-mode loop, no knob on
+    assert run() == exact
+    # freezing that never fires, and a refresh at every step, change nothing either
+    assert run(freeze_after=1000, refresh_every=1) == exact
+    assert g.is_exact() and not settings(model, mode="fast").is_exact()
+
+
+def test_knobs_do_what_they_say(demo):
+    model, tok = demo
+    C = model.canvas_length
+    ids = mx.array([render_prompt(tok, "Reverse: abcdefgh")])
+
+    def steps(**kw):
+        return [
+            e for e in generate_step(model, ids, settings(model, **kw), 64, key=mx.random.key(3)) if isinstance(e, Step)
+        ]
+
+    frozen = steps(freeze_after=0)
+    assert frozen[0].queries == C and all(s.queries < C for s in frozen[1:] if s.block == frozen[0].block)
+    refreshed = steps(freeze_after=0, refresh_every=2)
+    assert all(s.queries == C for s in refreshed if s.step % 2 == 1)
+    capped = steps(max_denoising_steps=1)
+    assert {s.step for s in capped} == {1}
+
+
+def test_confidence_acceptance_takes_every_position_that_sure(demo, monkeypatch):
+    """Half the canvas 95% sure of its token, the rest undecided: confidence 0.9 accepts that half, where the
+    entropy bound (0.1; each sure position carries about 0.5 nats) accepts one position."""
+    model, tok = demo
+    C, V = model.canvas_length, model.args.vocab_size
+    g = settings(model, max_denoising_steps=1)
+    gap = -g.t_max * np.log(0.05 / (0.95 * (V - 1)))  # top probability 0.95 after the first step's temperature
+    sure = mx.arange(C)[:, None] < C // 2
+    fixed = mx.where(sure & (mx.arange(V)[None] == 7), gap, 0.0)[None]
+    monkeypatch.setattr(model, "denoise", lambda canvas, cache, **kw: fixed)
+    ids = mx.array([render_prompt(tok, "Sort: 3 1")])
+
+    def settled(**kw):
+        (s,) = [e for e in generate_step(model, ids, settings(model, max_denoising_steps=1, **kw), 16,
+                                         key=mx.random.key(0)) if isinstance(e, Step)]  # fmt: skip
+        return np.array(s.settled)
+
+    assert (settled(accept="confidence", accept_confidence=0.9) == np.array(sure[:, 0])).all()
+    assert settled(accept="confidence", accept_confidence=0.99).sum() == 1  # none that sure: the surest alone
+    assert settled().sum() == 1
+
+
+def test_eos_exit_ends_a_block_that_is_all_eos(demo, monkeypatch):
+    model, tok = demo
+    eos = settings(model).eos_token_id[0]
+    real = model.denoise
+
+    def all_eos(canvas, cache, **kw):  # a model that answers nothing but EOS, with certainty
+        out = real(canvas, cache, **kw)
+        return mx.where(mx.arange(out.shape[-1]) == eos, 30.0, -30.0) + 0 * out
+
+    monkeypatch.setattr(model, "denoise", all_eos)
+    ids = mx.array([render_prompt(tok, "Sort: 3 1")])
+    g = settings(model, eos_exit=True, confidence_threshold=1e-30, stability_threshold=5)
+    commits = [e for e in generate_step(model, ids, g, 16, key=mx.random.key(0)) if isinstance(e, Commit)]
+    assert commits[0].steps == 1 and commits[0].finish_reason == "eos"
+    g = settings(model, confidence_threshold=1e-30, stability_threshold=5)
+    commits = [e for e in generate_step(model, ids, g, 16, key=mx.random.key(0)) if isinstance(e, Commit)]
+    assert commits[0].steps > 1
+
+
+def test_modes_resolve_and_bad_knobs_are_one_line_errors(demo):
+    model, _ = demo
+    assert set(MODES) == {"exact", "fast", "turbo"} and settings(model, mode="exact") == settings(model)
+    turbo = settings(model, mode="turbo")
+    assert turbo.freeze_after == MODES["turbo"]["freeze_after"] and turbo.sc_top_k == MODES["turbo"]["sc_top_k"]
+    assert settings(model, mode="turbo", sc_top_k=64).sc_top_k == 64  # an explicit knob wins
+    for bad, match in (
+        ({"mode": "warp"}, "must be one of exact, fast, turbo"),
+        ({"freeze_after": -1}, "freeze_after"),
+        ({"refresh_every": 0}, "refresh_every"),
+        ({"accept": "vote"}, "accept"),
+        ({"accept_confidence": 1.5}, "accept_confidence"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            settings(model, **bad)
+
+
+def test_batches_refuse_the_partial_step_knobs(demo):
+    model, tok = demo
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        list(gen.stream_generate(model, tok, ["Sort: 2 1", "Add: 01 + 02"], mode="turbo", seed=0))
+
+
+def test_eval_command_measures_the_modes(tmp_path, capsys):
+    from mlx_diffgemma.cli import run
+
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "Sort: 3 1 2", "answer": "1 2 3"}, {"messages": [{"role": "user", "content": "Reverse: abc"}]}]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run(["eval", "--model", "demo", "--data", str(data), "--mode", "turbo", "--json"])
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["mode"] for r in out["results"]] == ["exact", "turbo"]  # exact added: one prompt has no answer
+    exact, turbo = out["results"]
+    assert exact["n"] == turbo["n"] == 2 and exact["accuracy"] == 1.0  # exact agrees with itself
+    assert turbo["decoder_flops_per_token"] < exact["decoder_flops_per_token"]
+    for args, msg in (
+        (["--mode", "warp"], "--mode must be among"),
+        (["--limit", "0"], "--limit"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            run(["eval", "--model", "demo", "--data", str(data), *args])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    data.write_text('{"answer": "x"}\n')
+    with pytest.raises(SystemExit) as e:
+        run(["eval", "--model", "demo", "--data", str(data)])
+    assert e.value.code == 1 and "prompts.jsonl:1" in capsys.readouterr().err
