@@ -107,8 +107,9 @@ Mode = Annotated[
     Optional[str],
     typer.Option(
         "--mode",
-        help="exact (default: the reference algorithm), fast or turbo: speed modes that trade some accuracy; "
-        "what each costs is in the README (benchmarks/RESULTS.md).",
+        help="exact (default: the reference algorithm), fast or turbo: speed modes that trade accuracy for fewer "
+        "FLOPs. On the demo model fast keeps 97.9% of exact's accuracy (1.2x fewer FLOPs); turbo loses more than "
+        "3 points (95.4%, 2.4x fewer). README: Speed modes; `eval` measures them on your prompts.",
     ),
 ]
 FreezeAfter = Annotated[
