@@ -274,6 +274,7 @@ class GenerationConfig:
     # Opt-in speed knobs (not transformers'; see MODES). None / "entropy" / False is exact.
     freeze_after: int | None = None  # freeze a position once accepted with the same argmax this many steps
     refresh_every: int | None = None  # with freezing: a full forward (fresh K/V for all) every this many steps
+    freeze_confidence: float | None = None  # with freezing: only positions at least this sure of their token
     accept: str = "entropy"  # "entropy": the entropy bound; "confidence": top probability >= accept_confidence
     accept_confidence: float = 0.9
     eos_exit: bool = False  # end a block at once when its argmax canvas is all end-of-sequence tokens
@@ -344,6 +345,10 @@ class GenerationConfig:
         if self.accept not in ("entropy", "confidence"):
             raise ConfigError(f'{n("accept")} must be "entropy" or "confidence", got {self.accept!r}')
         require_float(n("accept_confidence"), self.accept_confidence, positive=True)
+        if self.freeze_confidence is not None:
+            require_float(n("freeze_confidence"), self.freeze_confidence)
+            if self.freeze_confidence > 1:
+                raise ConfigError(f"{n('freeze_confidence')} must be at most 1, got {self.freeze_confidence!r}")
         if self.accept_confidence > 1:
             raise ConfigError(f"{n('accept_confidence')} must be at most 1, got {self.accept_confidence!r}")
         if not isinstance(self.eos_exit, bool):
@@ -358,8 +363,15 @@ class GenerationConfig:
 # by benchmarks/eval_modes.py (benchmarks/RESULTS.md) and `mlx_diffgemma eval` on a user's own data.
 MODES: dict[str, dict[str, Any]] = {
     "exact": {},
-    "fast": {"freeze_after": 1, "refresh_every": 4, "eos_exit": True},
-    "turbo": {"freeze_after": 0, "sc_top_k": 16, "accept": "confidence", "accept_confidence": 0.7, "eos_exit": True},
+    "fast": {"freeze_after": 0, "freeze_confidence": 0.99, "eos_exit": True},
+    "turbo": {
+        "freeze_after": 0,
+        "freeze_confidence": 0.9,
+        "accept": "confidence",
+        "accept_confidence": 0.9,
+        "sc_top_k": 16,
+        "eos_exit": True,
+    },
 }
 
 

@@ -245,7 +245,8 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
 
     As exact mode, but: acceptance by the entropy bound or by confidence (top probability >= accept_confidence,
     the most confident position at least); with `freeze_after`, a position accepted with an unchanged argmax for
-    freeze_after + 1 steps in a row freezes (its token is its argmax, it is no longer renoised or forwarded, and
+    freeze_after + 1 steps in a row (and, with `freeze_confidence`, at least that sure of it) freezes (its token
+    is its argmax, it is no longer renoised or forwarded, and
     later steps attend to its recorded K/V), and every `refresh_every` steps one full forward refreshes every
     K/V; the block ends when every position is frozen, by the reference stop rule, or (eos_exit) as soon as
     its argmax canvas is all end-of-sequence tokens."""
@@ -274,10 +275,10 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
         noise = sampling.random_canvas((len(pos),), V, key=k_noise)
         cand = ~frozen[pos]  # frozen positions forwarded by a full step keep their token
         h_cand = mx.where(mx.array(cand), h[0], mx.inf)
+        top = probs[0].max(axis=-1)
         if g.accept == "entropy":
             acc = sampling.accept_mask(None, g.entropy_bound, h_cand[None])[0]
         else:
-            top = probs[0].max(axis=-1)
             best = mx.argmin(h_cand)  # at least the most certain candidate
             acc = (top >= g.accept_confidence) | (mx.arange(len(pos)) == best)
         this = model.soft_embed_probs(probs) if g.sc_top_k is None else model.soft_embed_top_k(probs, g.sc_top_k)[0]
@@ -286,7 +287,9 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
             if full
             else mx.zeros_like(soft).at[:, live].add(this) + mx.where(mx.array(frozen)[None, :, None], soft, 0)
         )
-        am, sampled, acc, noise, h = (np.array(a) for a in (processed[0].argmax(-1), sampled, acc, noise, h[0]))
+        am, sampled, acc, noise, h, top = (
+            np.array(a) for a in (processed[0].argmax(-1), sampled, acc, noise, h[0], top)
+        )
         acc &= cand
         same = argmax[pos] == am
         argmax[pos[cand]] = am[cand]
@@ -294,6 +297,8 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
         run[pos] = np.where(acc, np.where(same, run[pos] + 1, 1), 0)
         if g.freeze_after is not None:
             newly = acc & (run[pos] > g.freeze_after)
+            if g.freeze_confidence is not None:
+                newly &= top >= g.freeze_confidence
             frozen[pos[newly]] = True
             tokens[pos[newly]] = am[newly]
         settled = frozen.copy()

@@ -95,7 +95,9 @@ def test_confidence_acceptance_takes_every_position_that_sure(demo, monkeypatch)
     gap = -g.t_max * np.log(0.05 / (0.95 * (V - 1)))  # top probability 0.95 after the first step's temperature
     sure = mx.arange(C)[:, None] < C // 2
     fixed = mx.where(sure & (mx.arange(V)[None] == 7), gap, 0.0)[None]
-    monkeypatch.setattr(model, "denoise", lambda canvas, cache, **kw: fixed)
+    monkeypatch.setattr(
+        model, "denoise", lambda canvas, cache, live=None, **kw: fixed if live is None else fixed[:, live]
+    )
     ids = mx.array([render_prompt(tok, "Sort: 3 1")])
 
     def settled(**kw):
@@ -106,6 +108,13 @@ def test_confidence_acceptance_takes_every_position_that_sure(demo, monkeypatch)
     assert (settled(accept="confidence", accept_confidence=0.9) == np.array(sure[:, 0])).all()
     assert settled(accept="confidence", accept_confidence=0.99).sum() == 1  # none that sure: the surest alone
     assert settled().sum() == 1
+
+    def second_step(sure_enough: float) -> int:  # positions the second step forwards
+        g = settings(model, max_denoising_steps=2, accept="confidence", accept_confidence=0.9, freeze_after=0,
+                     freeze_confidence=sure_enough, stability_threshold=5, confidence_threshold=1e-30)  # fmt: skip
+        return [e for e in generate_step(model, ids, g, 16, key=mx.random.key(0)) if isinstance(e, Step)][1].queries
+
+    assert second_step(0.9) == C - C // 2 and second_step(0.99) == C  # only positions that sure freeze
 
 
 def test_eos_exit_ends_a_block_that_is_all_eos(demo, monkeypatch):
@@ -139,6 +148,7 @@ def test_modes_resolve_and_bad_knobs_are_one_line_errors(demo):
         ({"refresh_every": 0}, "refresh_every"),
         ({"accept": "vote"}, "accept"),
         ({"accept_confidence": 1.5}, "accept_confidence"),
+        ({"freeze_confidence": 1.5}, "freeze_confidence"),
     ):
         with pytest.raises(ConfigError, match=match):
             settings(model, **bad)
