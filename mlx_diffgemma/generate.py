@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from . import kernels, memory, sampling
 from .cache import PromptCache
 from .config import MODES, ConfigError, GenerationConfig
-from .model import CanvasKV, Model
+from .model import CanvasKV, Model, put_positions
 from .noise import Noise
 
 
@@ -245,13 +246,10 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
 
     As exact mode, but: acceptance by the entropy bound or by confidence (top probability >= accept_confidence,
     the most confident position at least); with `freeze_after`, a position accepted with an unchanged argmax for
-    freeze_after + 1 steps in a row (and, with `freeze_confidence`, at least that sure of it) freezes (its token
-    is its argmax, it is no longer renoised or forwarded, and
-    later steps attend to its recorded K/V), and every `refresh_every` steps one full forward refreshes every
-    K/V; the block ends when every position is frozen, by the reference stop rule, or (eos_exit) as soon as
-    its argmax canvas is all end-of-sequence tokens."""
-    import numpy as np
-
+    freeze_after + 1 steps in a row (and, with `freeze_confidence`, at least that sure of it) freezes: its token
+    is its argmax, it is no longer renoised or forwarded, and later steps attend to its recorded K/V; every
+    `refresh_every` steps one full forward refreshes every K/V. The block ends when every position is frozen, by
+    the reference stop rule, or (eos_exit) as soon as its argmax canvas is all end-of-sequence tokens."""
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
     eos = np.array(sorted(set(g.eos_token_id)))
     kv = CanvasKV() if g.freeze_after is not None else None
@@ -282,11 +280,7 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
             best = mx.argmin(h_cand)  # at least the most certain candidate
             acc = (top >= g.accept_confidence) | (mx.arange(len(pos)) == best)
         this = model.soft_embed_probs(probs) if g.sc_top_k is None else model.soft_embed_top_k(probs, g.sc_top_k)[0]
-        soft = (
-            this
-            if full
-            else mx.zeros_like(soft).at[:, live].add(this) + mx.where(mx.array(frozen)[None, :, None], soft, 0)
-        )
+        soft = this if full else put_positions(soft, live, this, axis=1)  # frozen positions keep theirs
         am, sampled, acc, noise, h, top = (
             np.array(a) for a in (processed[0].argmax(-1), sampled, acc, noise, h[0], top)
         )

@@ -347,6 +347,17 @@ class SelfConditioning(nn.Module):
         return mx.fast.rms_norm(embeds, None, self.eps)
 
 
+def put_positions(base: mx.array, live: mx.array, values: mx.array, axis: int) -> mx.array:
+    """`base` with its entries at positions `live` (ascending, along `axis`) replaced by `values` (the same shape
+    but len(live) along `axis`), as a new array."""
+    C = base.shape[axis]
+    shape = [1] * base.ndim
+    shape[axis] = C
+    hit = (mx.zeros((C,), dtype=mx.int32).at[live].add(1) > 0).reshape(shape)
+    slot = mx.zeros((C,), dtype=mx.int32).at[live].add(mx.arange(live.shape[0], dtype=mx.int32))
+    return mx.where(hit, mx.take(values, slot, axis=axis), base)
+
+
 class CanvasKV:
     """Each decoder layer's K/V over the whole canvas, from the steps that computed them: what a speed mode's
     partial steps attend to for the positions they do not forward (frozen ones, whose K/V are then stale: computed
@@ -369,10 +380,7 @@ class CanvasKV:
             def read(k: mx.array, v: mx.array, i: int = i, ctx=ctx):
                 if live is not None:
                     K, V = self.kv[i]
-                    C = K.shape[2]
-                    where = (mx.zeros((C,), dtype=mx.int32).at[live].add(1) > 0)[None, None, :, None]
-                    slot = mx.zeros((C,), dtype=mx.int32).at[live].add(mx.arange(live.shape[0], dtype=mx.int32))
-                    k, v = mx.where(where, k[:, :, slot], K), mx.where(where, v[:, :, slot], V)
+                    k, v = put_positions(K, live, k, axis=2), put_positions(V, live, v, axis=2)
                 self.kv[i] = (k, v)
                 return context_source(ctx)(k, v)
 
