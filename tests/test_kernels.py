@@ -140,6 +140,26 @@ def test_soft_embed_cpu_expansion_equals_the_reference(N, V, H, cap):
     np.testing.assert_allclose(out, np.array(want), rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_the_dispatchers_kernel_path_takes_each_dtype(dtype, monkeypatch):
+    """Through the dispatcher with the CPU expansions standing in for a GPU: logits and tables in the model's
+    dtype (the kernels read float32 logits and a table in its own dtype) give the reference's results."""
+    rng = np.random.default_rng(0)
+    N, V, H, cap = 5, 700, 96, 30.0
+    logits = mx.array((rng.standard_normal((N, V)) * 8).astype(np.float32)).astype(dtype)
+    temps = mx.array(rng.uniform(0.4, 0.8, N).astype(np.float32))
+    u = mx.array(rng.uniform(1e-7, 1, (N, V)).astype(np.float32))
+    table = mx.array((rng.standard_normal((V, H)) * 0.02).astype(np.float32)).astype(dtype)
+    monkeypatch.setenv("MLX_DIFFGEMMA_KERNELS", "cpu")
+    stats, ids = kernels.vocab_pass(logits, temps, u, cap)
+    want_stats, want_ids = vp.reference(logits, temps, u, cap)
+    np.testing.assert_allclose(np.array(stats), np.array(want_stats), rtol=1e-5, atol=2e-5)
+    assert mx.array_equal(ids, want_ids)
+    soft = kernels.soft_embed(logits, temps, stats[:, 1], table, cap)
+    want = sc.reference(logits, temps, stats[:, 1], table, cap)
+    np.testing.assert_allclose(np.array(soft), np.array(want), rtol=1e-5, atol=1e-6)
+
+
 def test_soft_embed_reference_is_the_models_self_conditioning_input(checkpoint):
     from mlx_diffgemma.loading import load_model
 
