@@ -6,7 +6,9 @@ own, then its cache is stacked with the others', left-padded with zero K/V that 
 positions count from each row's first real slot, so RoPE sees the same positions as alone); each denoising step
 runs the model over all rows at once and then each row's sampler with the row's own key, exactly as alone. A row
 that has stopped denoising keeps its canvas while the others go on (as transformers does in a batch), and a row
-that has finished leaves the batch at the block's end.
+that has finished leaves the batch at the block's end. A row in a speed mode (partial steps: config.MODES) runs
+each block on its own, through the speed modes' own loop, before the batched pass of the others: it gives what it
+gives alone too, without the batching.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import mlx.core as mx
 from . import sampling
 from .cache import FullAttentionCache, PromptCache, join_rows, subset
 from .config import GenerationConfig
-from .generate import Commit, Step, _check_context, check_ids, fused, partial_steps, prefill
+from .generate import Commit, Step, _check_context, _fast_block, check_ids, fused, partial_steps, prefill
 from .model import Model
 
 
@@ -126,11 +128,6 @@ class Batch:
         """Queue a request (validated now: ids, context, memory); it joins at the next block boundary."""
         if not req.ids:
             raise ValueError("the prompt is empty")
-        if partial_steps(req.g):
-            raise ValueError(
-                "speed modes (freezing, confidence acceptance, the EOS exit) run one prompt at a time for now; "
-                "a batch takes exact mode and --sc-top-k"
-            )
         check_ids(self.model, req.ids)
         _check_context(self.model, self.model.make_cache(), len(req.ids), req.max_tokens)
         self.waiting.append(_Row(req, req.key))
@@ -200,6 +197,17 @@ class Batch:
             r.argmax = r.canvas
             r.history = sampling.new_history(r.req.g.stability_threshold, 1, C)
             r.countdown, r.steps, r.stopped = r.req.g.max_denoising_steps, 0, False
+        for b, r in enumerate(self.rows):  # a speed mode's row: its block on its own (the partial steps' loop)
+            if partial_steps(r.req.g):
+                start = mx.array([self.start[b]]) if self.start[b] else None
+                block = _fast_block(model, subset(self.cache, [b]), r.req.g, r.canvas, r.key, r.block, start)
+                while True:
+                    try:
+                        yield r.req.tag, next(block)
+                    except StopIteration as done:
+                        r.argmax, r.steps, r.key = done.value
+                        break
+                r.stopped = True
         # Each pass runs the rows still denoising; when some stop, the next passes take the others only (their
         # cache rows copied once per change of the set), so a batch costs what its live rows cost.
         cur, cache, start, sc = list(range(len(self.rows))), self.cache, self._starts(), None

@@ -239,7 +239,15 @@ def generate_step(
         pending = argmax
 
 
-def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: mx.array, key: mx.array, block: int):
+def _fast_block(
+    model: Model,
+    cache: PromptCache,
+    g: GenerationConfig,
+    canvas: mx.array,
+    key: mx.array,
+    block: int,
+    start: mx.array | None = None,
+):
     """One block in a speed mode (a generator of Steps; returns the argmax canvas (1, C), the steps taken and the
     key to go on with). Its random numbers are drawn as exact mode's loop draws them, so with every knob neutral
     it gives exact mode's tokens.
@@ -249,7 +257,8 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
     freeze_after + 1 steps in a row (and, with `freeze_confidence`, at least that sure of it) freezes: its token
     is its argmax, it is no longer renoised or forwarded, and later steps attend to its recorded K/V; every
     `refresh_every` steps one full forward refreshes every K/V. The block ends when every position is frozen, by
-    the reference stop rule, or (eos_exit) as soon as its argmax canvas is all end-of-sequence tokens."""
+    the reference stop rule, or (eos_exit) as soon as its argmax canvas is all end-of-sequence tokens. `start`
+    (1,): the first real slot of a left-padded cache (a batch's row)."""
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
     eos = np.array(sorted(set(g.eos_token_id)))
     kv = CanvasKV() if g.freeze_after is not None else None
@@ -263,7 +272,9 @@ def _fast_block(model: Model, cache: PromptCache, g: GenerationConfig, canvas: m
         pos = np.arange(C) if full else np.nonzero(~frozen)[0]
         live = None if full else mx.array(pos, dtype=mx.int32)
         since_full = 1 if full else since_full + 1
-        logits = model.denoise(mx.array(tokens)[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live)
+        logits = model.denoise(
+            mx.array(tokens)[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live, start=start
+        )
         temp = sampling.temperature(countdown, g.t_min, g.t_max, N)
         processed = logits / temp
         probs, h = sampling.softmax_entropy(processed)  # (1, L, V), (1, L): the forwarded positions

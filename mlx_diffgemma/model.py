@@ -354,7 +354,7 @@ def put_positions(base: mx.array, live: mx.array, values: mx.array, axis: int) -
     shape = [1] * base.ndim
     shape[axis] = C
     hit = (mx.zeros((C,), dtype=mx.int32).at[live].add(1) > 0).reshape(shape)
-    slot = mx.zeros((C,), dtype=mx.int32).at[live].add(mx.arange(live.shape[0], dtype=mx.int32))
+    slot = mx.zeros((C,), dtype=mx.int32).at[live].maximum(mx.arange(live.shape[0], dtype=mx.int32))
     return mx.where(hit, mx.take(values, slot, axis=axis), base)
 
 
@@ -590,16 +590,17 @@ class Model(nn.Module):
         else:
             soft = None
         offset, masks, sources = cache.offset, {}, cache.readers()
+        if start is not None:  # keys: the cache and the whole canvas, whichever positions are forwarded
+            cached = self._cached(cache)
+            masks = padding_masks(dict.fromkeys(cached), offset, canvas.shape[1], cached, start)
         if live is not None:
             x, soft = x[:, live], None if soft is None else soft[:, live]
-            offset = (offset + live)[None].astype(mx.int32)
+            offset = (offset + live)[None].astype(mx.int32)  # each forwarded position at its own place
         x = self.self_conditioning(x, soft)
         if canvas_kv is not None:
             sources = canvas_kv.sources(cache, live)
         if start is not None:
-            cached = self._cached(cache)
-            masks = padding_masks(dict.fromkeys(cached), offset, canvas.shape[1], cached, start)
-            offset = offset - start
+            offset = offset - (start if live is None else start[:, None])
         h = self.forward(x, offset, sources, masks, decoder=True)
         return self.logits(h, softcap)
 

@@ -316,6 +316,13 @@ KNOBS = {
     "stability": "stability_threshold",
     "confidence": "confidence_threshold",
     "sc_top_k": "sc_top_k",
+    "mode": "mode",
+    "freeze_after": "freeze_after",
+    "freeze_confidence": "freeze_confidence",
+    "refresh_every": "refresh_every",
+    "accept": "accept",
+    "accept_confidence": "accept_confidence",
+    "eos_exit": "eos_exit",
 }
 EXTENSIONS = {"ignore_eos"}  # vLLM's: generate to max_tokens whatever the model says
 # OpenAI fields this server accepts and has no use for (as OpenAI-compatible servers do); anything else unknown is

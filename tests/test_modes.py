@@ -154,10 +154,26 @@ def test_modes_resolve_and_bad_knobs_are_one_line_errors(demo):
             settings(model, **bad)
 
 
-def test_batches_refuse_the_partial_step_knobs(demo):
+def test_a_batch_row_in_a_speed_mode_gives_what_it_gives_alone(demo):
+    from mlx_diffgemma.batch import Request, generate_batch
+    from mlx_diffgemma.demo import HELD_OUT_SEED, examples
+
     model, tok = demo
-    with pytest.raises(ValueError, match="one prompt at a time"):
-        list(gen.stream_generate(model, tok, ["Sort: 2 1", "Add: 01 + 02"], mode="turbo", seed=0))
+    prompts = [render_prompt(tok, p) for p, _ in examples(4, HELD_OUT_SEED + 7)]
+    plans = [settings(model, mode="turbo"), settings(model), settings(model, mode="fast"), settings(model)]
+
+    def alone(i):
+        events = generate_step(model, mx.array([prompts[i]]), plans[i], 40, key=mx.random.key(i))
+        return [(e.tokens, e.steps) for e in events if isinstance(e, Commit)]
+
+    together, queries = {}, set()
+    for tag, e in generate_batch(model, [Request(prompts[i], plans[i], 40, mx.random.key(i), tag=i) for i in range(4)]):
+        if isinstance(e, Commit):
+            together.setdefault(tag, []).append((e.tokens, e.steps))
+        elif tag in (0, 2):
+            queries.add(e.queries)
+    assert together == {i: alone(i) for i in range(4)}  # left padding, exact rows beside
+    assert min(queries) < model.canvas_length  # the speed rows took partial steps
 
 
 def test_eval_command_measures_the_modes(tmp_path, capsys):

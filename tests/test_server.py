@@ -106,6 +106,24 @@ def test_held_out_answers_through_the_api(demo_server, demo):
     assert right >= 6
 
 
+def test_a_speed_mode_per_request(demo_server, demo):
+    """`mode` (and the knobs behind it) per request, beside exact requests: each answer is what `generate` gives
+    locally in that mode; a mode that does not exist is a 400 naming the field."""
+    model, tok = demo
+    pairs = examples(4, HELD_OUT_SEED + 3)
+    modes = ["turbo", None, "fast", None]
+
+    def ask(i):
+        extra = {"mode": modes[i]} if modes[i] else {}
+        return chat(demo_server, pairs[i][0], seed=i, extra_body=extra).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert answers == [generate(model, tok, pairs[i][0], seed=i, mode=modes[i]) for i in range(4)]
+    with pytest.raises(openai.BadRequestError, match="mode must be one of"):
+        chat(demo_server, "Sort: 2 1", extra_body={"mode": "warp"})
+
+
 def test_streaming_sends_a_chunk_per_block(demo_server):
     prompt = max(examples(40, HELD_OUT_SEED), key=lambda pa: len(pa[1]))[0]  # an answer of several blocks
     whole = chat(demo_server, prompt, seed=3).choices[0].message.content
