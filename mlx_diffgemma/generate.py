@@ -292,9 +292,9 @@ def _fast_block(
             acc = (top >= g.accept_confidence) | (mx.arange(len(pos)) == best)
         this = model.soft_embed_probs(probs) if g.sc_top_k is None else model.soft_embed_top_k(probs, g.sc_top_k)[0]
         soft = this if full else put_positions(soft, live, this, axis=1)  # frozen positions keep theirs
-        am, sampled, acc, noise, h, top = (
-            np.array(a) for a in (processed[0].argmax(-1), sampled, acc, noise, h[0], top)
-        )
+        results = (processed[0].argmax(-1), sampled, acc, noise, h[0], top)
+        mx.eval(*results, soft)  # one evaluation for the step (the next step's signal included)
+        am, sampled, acc, noise, h, top = (np.array(a) for a in results)
         acc &= cand
         same = argmax[pos] == am
         argmax[pos[cand]] = am[cand]
