@@ -255,21 +255,23 @@ def _fast_block(
     As exact mode, but: acceptance by the entropy bound or by confidence (top probability >= accept_confidence,
     the most confident position at least); with `freeze_after`, a position accepted with an unchanged argmax for
     freeze_after + 1 steps in a row (and, with `freeze_confidence`, at least that sure of it) freezes: its token
-    is its argmax, it is no longer renoised or forwarded, and later steps attend to its recorded K/V; every
-    `refresh_every` steps one full forward refreshes every K/V. The block ends when every position is frozen, by
-    the reference stop rule, or (eos_exit) as soon as its argmax canvas is all end-of-sequence tokens. `start`
-    (1,): the first real slot of a left-padded cache (a batch's row)."""
+    is its argmax, it is no longer renoised or forwarded, and later steps attend to its recorded K/V (a position
+    that froze on another token than the one it was read with is forwarded once more, so that its K/V are its
+    token's); every `refresh_every` steps one full forward refreshes every K/V. The block ends when every
+    position is frozen, by the reference stop rule, or (eos_exit) as soon as its argmax canvas is all
+    end-of-sequence tokens. `start` (1,): the first real slot of a left-padded cache (a batch's row)."""
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
     eos = np.array(sorted(set(g.eos_token_id)))
     kv = CanvasKV() if g.freeze_after is not None else None
     frozen, run = np.zeros(C, bool), np.zeros(C, np.int64)
+    stale = np.zeros(C, bool)  # frozen with another token than the one their recorded K/V were computed from
     tokens = np.array(canvas[0])
     argmax = tokens.copy()
     history = sampling.new_history(g.stability_threshold, 1, C)
     soft, since_full = None, 0
     for steps, countdown in enumerate(range(N, 0, -1), 1):
         full = kv is None or steps == 1 or not frozen.any() or (g.refresh_every and since_full >= g.refresh_every)
-        pos = np.arange(C) if full else np.nonzero(~frozen)[0]
+        pos = np.arange(C) if full else np.nonzero(~frozen | stale)[0]  # stale ones: K/V of their frozen token
         live = None if full else mx.array(pos, dtype=mx.int32)
         since_full = 1 if full else since_full + 1
         logits = model.denoise(
@@ -282,7 +284,8 @@ def _fast_block(
         k_sample, k_noise = mx.random.split(k_step)
         sampled = sampling.sample(processed, key=k_sample)[0]
         noise = sampling.random_canvas((len(pos),), V, key=k_noise)
-        cand = ~frozen[pos]  # frozen positions forwarded by a full step keep their token
+        cand = ~frozen[pos]  # frozen positions forwarded (a full step, a stale one) keep their token
+        stale[pos] = False
         h_cand = mx.where(mx.array(cand), h[0], mx.inf)
         top = probs[0].max(axis=-1)
         if g.accept == "entropy":
@@ -296,7 +299,7 @@ def _fast_block(
         mx.eval(*results, soft)  # one evaluation for the step (the next step's signal included)
         am, sampled, acc, noise, h, top = (np.array(a) for a in results)
         acc &= cand
-        same = argmax[pos] == am
+        same, read = argmax[pos] == am, tokens[pos]  # read: the tokens this step's K/V were computed from
         argmax[pos[cand]] = am[cand]
         tokens[pos[cand]] = np.where(acc, sampled, noise)[cand]
         run[pos] = np.where(acc, np.where(same, run[pos] + 1, 1), 0)
@@ -305,6 +308,7 @@ def _fast_block(
             if g.freeze_confidence is not None:
                 newly &= top >= g.freeze_confidence
             frozen[pos[newly]] = True
+            stale[pos[newly]] = read[newly] != am[newly]
             tokens[pos[newly]] = am[newly]
         settled = frozen.copy()
         settled[pos[acc]] = True
