@@ -95,13 +95,11 @@ class PrefixCache:
 
 
 @mx.compile
-def _scores(logits: mx.array, temps: mx.array, bounds: mx.array):
-    """The batched, row-independent part of a step: temperature, one softmax/entropy pass, argmax, acceptance."""
+def _scores(logits: mx.array, temps: mx.array):
+    """The batched, row-independent part of a step: temperature, one softmax/entropy pass, argmax."""
     processed = logits / temps  # (B, C, V) / (B, 1, 1)
     probs, h = sampling.softmax_entropy(processed)
-    argmax = processed.argmax(axis=-1).astype(mx.int32)
-    mask = sampling.accept_mask(processed, bounds, h)  # bounds (B, 1)
-    return processed, probs, h, argmax, mask
+    return processed, probs, h, processed.argmax(axis=-1).astype(mx.int32)
 
 
 def _temperature(r: _Row) -> float:
@@ -229,7 +227,6 @@ class Batch:
             for r in rows:
                 r.key, k_step = mx.random.split(r.key)
                 keys.append(mx.random.split(k_step))  # (sample, renoise)
-            bounds = mx.array([[r.req.g.entropy_bound] for r in rows], dtype=mx.float32)
             if through_kernels:  # one fused pass over the raw logits; the signal is (logits, temperatures, lse)
                 if sc is None:
                     soft = None
@@ -243,7 +240,6 @@ class Batch:
                 u = mx.concatenate([sampling.gumbel_uniforms((1, C, V), k[0]) for k in keys])
                 h, lse, argmax, sampled = sampling.fused_pass(logits, temps, u, cap)
                 argmax, sampled = argmax.astype(mx.int32), sampled.astype(mx.int32)
-                mask = sampling.accept_mask(None, bounds, h)
                 sc, processed = (logits, temps, lse), None
             else:
                 if sc is None or len(ks) == 1:
@@ -253,26 +249,26 @@ class Batch:
                             else model.soft_embed_probs(sc[j : j + 1]) for j, r in enumerate(rows)]  # fmt: skip
                     logits = model.denoise(canvas, cache, start=start, self_conditioning_embeds=mx.concatenate(soft))
                 temps = mx.array([[[_temperature(r)]] for r in rows], dtype=mx.float32)
-                processed, sc, h, argmax, mask = _scores(logits, temps, bounds)
-            stops = []
+                processed, sc, h, argmax = _scores(logits, temps)
+            stops, masks = [], []
             for j, r in enumerate(rows):
                 if through_kernels:
                     chosen = sampled[j : j + 1]
                 else:
                     chosen = sampling.sample(processed[j : j + 1], key=keys[j][0]).astype(mx.int32)
                 noise = sampling.random_canvas((1, C), V, key=keys[j][1])
-                m = mask[j : j + 1]
-                r.canvas = sampling.renoise(sampling.accept(r.canvas, chosen, m), m, noise)
                 r.argmax = argmax[j : j + 1]
-                stop, r.history = sampling.stop_criterion(
-                    r.history, r.argmax, None, r.req.g.confidence_threshold, h[j : j + 1]
-                )
+                r.canvas, mask, stop, r.history = sampling.settle(
+                    r.canvas, chosen, r.argmax, h[j : j + 1], r.history, noise, r.req.g.entropy_bound,
+                    r.req.g.confidence_threshold,
+                )  # fmt: skip
                 r.steps += 1
                 r.countdown -= 1
                 stops.append(stop.all())
+                masks.append(mask[0])
             mx.async_eval(sc, *[r.canvas for r in rows], *stops)
             for j, r in enumerate(rows):
-                yield r.req.tag, Step(r.block, r.steps, r.argmax[0], mask[j])
+                yield r.req.tag, Step(r.block, r.steps, r.argmax[0], masks[j])
             for r, stop in zip(rows, stops):
                 r.stopped = bool(stop.item()) or r.countdown == 0
         yield from self._commit()

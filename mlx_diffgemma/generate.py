@@ -90,10 +90,10 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
         probs, h = sampling.softmax_entropy(processed)  # (B, C, V), (B, C): shared by everything below
         sampled = sampling.sample(processed, key=k_sample).astype(canvas.dtype)
         argmax = processed.argmax(axis=-1).astype(canvas.dtype)
-        mask = sampling.accept_mask(processed, g.entropy_bound, h)
         noise = sampling.random_canvas(canvas.shape, vocab, key=k_noise).astype(canvas.dtype)
-        canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, noise)
-        stop, history = sampling.stop_criterion(history, argmax, processed, g.confidence_threshold, h)
+        canvas, mask, stop, history = sampling.settle(
+            canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
+        )
         return canvas, argmax, probs, mask, stop.all(), history
 
     return mx.compile(step_fn)
@@ -107,9 +107,9 @@ def _make_noise_step_fn(g: GenerationConfig):
         probs, h = sampling.softmax_entropy(processed)
         sampled = (processed + gumbel).argmax(axis=-1).astype(canvas.dtype)
         argmax = processed.argmax(axis=-1).astype(canvas.dtype)
-        mask = sampling.accept_mask(processed, g.entropy_bound, h)
-        canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, fresh.astype(canvas.dtype))
-        stop, history = sampling.stop_criterion(history, argmax, processed, g.confidence_threshold, h)
+        canvas, mask, stop, history = sampling.settle(
+            canvas, sampled, argmax, h, history, fresh.astype(canvas.dtype), g.entropy_bound, g.confidence_threshold
+        )
         return canvas, argmax, probs, mask, stop.all(), history
 
     return mx.compile(step_fn)
@@ -123,9 +123,9 @@ def _make_fused_step_fn(g: GenerationConfig, vocab: int, cap: float):
 
     @mx.compile
     def tail(canvas, sampled, argmax, h, history, noise):
-        mask = sampling.accept_mask(None, g.entropy_bound, h)
-        canvas = sampling.renoise(sampling.accept(canvas, sampled, mask), mask, noise)
-        stop, history = sampling.stop_criterion(history, argmax, None, g.confidence_threshold, h)
+        canvas, mask, stop, history = sampling.settle(
+            canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
+        )
         return canvas, mask, stop.all(), history
 
     def step_fn(logits, canvas, history, temp, key):

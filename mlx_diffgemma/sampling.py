@@ -41,7 +41,7 @@ def entropy(logits: mx.array) -> mx.array:
     return mx.log(total) - (e * z).sum(axis=-1) / total
 
 
-def accept_mask(logits: mx.array, entropy_bound: float, h: mx.array | None = None) -> mx.array:
+def accept_mask(logits: mx.array | None, entropy_bound: float | mx.array, h: mx.array | None = None) -> mx.array:
     """EntropyBoundSampler acceptance: sort entropies ascending and accept the longest prefix whose cumulative sum
     minus its own largest entropy is <= entropy_bound (the lowest-entropy position is always accepted).
     `h`: the entropies of `logits`, when already computed."""
@@ -60,6 +60,25 @@ def accept(current: mx.array, sampled: mx.array, mask: mx.array) -> mx.array:
 def renoise(accepted: mx.array, mask: mx.array, noise: mx.array) -> mx.array:
     """Non-accepted positions get fresh uniform tokens (`noise`, same shape as the canvas)."""
     return mx.where(mask, accepted, noise)
+
+
+def settle(
+    canvas: mx.array,
+    sampled: mx.array,
+    argmax: mx.array,
+    h: mx.array,
+    history: mx.array,
+    noise: mx.array,
+    entropy_bound: float | mx.array,
+    confidence_threshold: float,
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The end of every denoising step: accept the sampled tokens where the entropy bound says (entropies `h`),
+    renoise the other positions with `noise`, and test the stop criterion on the argmax canvas. Returns (the next
+    canvas, the accepted mask, stop (B,), the updated history)."""
+    mask = accept_mask(None, entropy_bound, h)
+    canvas = renoise(accept(canvas, sampled, mask), mask, noise)
+    stop, history = stop_criterion(history, argmax, None, confidence_threshold, h)
+    return canvas, mask, stop, history
 
 
 def random_canvas(shape: tuple[int, int], vocab_size: int, key: mx.array | None = None) -> mx.array:
