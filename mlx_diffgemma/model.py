@@ -502,12 +502,12 @@ class Model(nn.Module):
         (B, C) and the log-sum-exp of the scaled logits (B, C) (the vocabulary pass gives it): softmax(softcap /
         temperature) @ table * sqrt(hidden), (B, C, H) in the model dtype. Without the (B, C, V) probabilities
         where the soft-embedding kernel runs (a float table, no `top_k`); else the probabilities are formed and
-        go through `soft_embed_probs` or `soft_embed_top_k`."""
+        go through `soft_embed_probs` or `soft_embed_top_k` (never a float32 copy of the table)."""
         B, C, V = logits.shape
         cap = self.args.final_logit_softcapping or 0.0
         flat, t, m = logits.reshape(B * C, V), temps.reshape(B * C), lse.reshape(B * C)
         table = self.embed_tokens
-        if top_k is None and not isinstance(table, nn.QuantizedEmbedding):
+        if top_k is None and not isinstance(table, nn.QuantizedEmbedding) and kernels.soft_embed_runs(table.weight):
             soft = kernels.soft_embed(flat, t, m, table.weight, cap).reshape(B, C, -1)
             return (soft * self.args.embed_scale).astype(self.dtype)
         probs = mx.exp(kernels.vocab.scaled(flat, t, cap) - m[:, None]).reshape(B, C, V)

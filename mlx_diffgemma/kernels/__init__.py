@@ -175,10 +175,15 @@ def vocab_pass(logits: mx.array, temps: mx.array, uniforms: mx.array, cap: float
     return _vp.reference(logits, temps, uniforms, cap)
 
 
+def soft_embed_runs(table: mx.array) -> bool:
+    """Whether `soft_embed` runs as a kernel here for this table (trusted, and its hidden size fits)."""
+    return table.shape[1] <= _sc.GROUP_THREADS * _sc.MAX_COLS and use_kernel("soft_embed")
+
+
 def soft_embed(logits: mx.array, temps: mx.array, lse: mx.array, table: mx.array, cap: float) -> mx.array:
     """softmax(z) @ table (N, H), z = softcap(logits) / temperature, from raw logits (N, V), temperatures (N,) and
     the log-sum-exp of z (N,); the kernel where it is trusted and the hidden size fits it, else the reference."""
-    if table.shape[1] <= _sc.GROUP_THREADS * _sc.MAX_COLS and use_kernel("soft_embed"):
+    if soft_embed_runs(table):
         return soft_embed_kernel(logits, temps, lse, table, cap)
     return _sc.reference(logits, temps, lse, table, cap)
 
