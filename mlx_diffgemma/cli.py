@@ -314,32 +314,13 @@ def generate(
 
 
 def _batch_prompts(path: Path) -> list:
-    """--prompts: JSON lines, each {"prompt": TEXT} or {"messages": [...]}; blank lines skipped."""
-    import json
+    """--prompts: the JSON lines `eval` reads (each {"prompt": TEXT} or {"messages": [...]}), their prompts."""
+    from .evaluate import read_items
 
     try:
-        lines = path.expanduser().read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        _fail(f"{e.strerror or e}: {path}")
-    except UnicodeDecodeError:
-        _fail(f"{path} is not UTF-8 text")
-    items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as e:
-            _fail(f"{path}:{n}: not valid JSON ({e})")
-        if isinstance(item, dict) and isinstance(item.get("prompt"), str) and item["prompt"].strip():
-            items.append(item["prompt"])
-        elif isinstance(item, dict) and isinstance(item.get("messages"), list) and item["messages"]:
-            items.append(item["messages"])
-        else:
-            _fail(f'{path}:{n}: each line is {{"prompt": "..."}} or {{"messages": [...]}}')
-    if not items:
-        _fail(f"{path} holds no prompts")
-    return items
+        return [item.prompt for item in read_items(path)]
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _run_batch(m, tok, items, max_tokens, system, think, raw, seed, batch_size, overrides) -> None:
