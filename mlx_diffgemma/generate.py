@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .cache import PromptCache
 from .config import MODES, ConfigError, GenerationConfig
 from .model import CanvasKV, Model, put_positions
 from .noise import Noise
+from .noise import gumbel as noise_gumbel
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,69 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
         return canvas, argmax, probs, mask, stop.all(), history
 
     return mx.compile(step_fn)
+
+
+_SIDE: mx.Stream | None = None
+
+
+def side_stream() -> mx.Stream:
+    """A second CPU stream (its own thread), made once per process."""
+    global _SIDE
+    if _SIDE is None:
+        _SIDE = mx.new_stream(mx.cpu)
+    return _SIDE
+
+
+def split_sampler() -> bool:
+    """Whether the sampler runs on two CPU streams (`_make_split_step_fn`): on the CPU, unless
+    MLX_DIFFGEMMA_STREAMS=0."""
+    return os.environ.get("MLX_DIFFGEMMA_STREAMS", "1") != "0" and mx.default_device() == mx.cpu
+
+
+def _row_pass(processed: mx.array, gumbel: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The sampler's pass over the vocabulary for some canvas rows: probabilities, entropies, argmax, sample."""
+    probs, h = sampling.softmax_entropy(processed)
+    return probs, h, processed.argmax(axis=-1), (processed + gumbel).argmax(axis=-1)
+
+
+def _make_split_step_fn(g: GenerationConfig, vocab: int, shape: tuple[int, int, int]):
+    """`_make_step_fn` for MLX's CPU backend, where a stream evaluates elementwise work on one thread and the
+    sampler's pass over the (B, C, V) logits is nothing else: the pass runs as two halves of the canvas on two
+    streams, and the Gumbel noise, which depends only on the key, is drawn on the second stream while the decoder
+    runs (`prepare(key)`, called before the forward). Each row sees the same operations on the same numbers as in
+    `_make_step_fn`, and the noise is the one `sampling.sample` draws with that key: the same tokens, probabilities
+    and entropies, bit for bit (tests/test_generate.py). Returns (prepare, step). C >= 2 (see
+    `sampling.gumbel_uniforms`)."""
+    B, C, V = shape
+    side, main = side_stream(), mx.default_stream(mx.cpu)
+    rows = mx.compile(_row_pass)
+    tail = mx.compile(
+        lambda canvas, sampled, argmax, h, history, noise: sampling.settle(
+            canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
+        )
+    )
+
+    def prepare(key):
+        k_sample, k_noise = mx.random.split(key)
+        with mx.stream(side):
+            gumbel = noise_gumbel(sampling.gumbel_uniforms(shape, k_sample))  # as mx.random.categorical
+            noise = sampling.random_canvas((B, C), vocab, key=k_noise)
+        mx.async_eval(gumbel, noise)
+        return gumbel, noise
+
+    def step(logits, canvas, history, temp, gumbel, noise):
+        processed = logits / temp
+        halves = (slice(0, C // 2), slice(C // 2, C))
+        parts = []
+        for stream, rows_ in zip((main, side), halves):
+            with mx.stream(stream):
+                parts.append(rows(processed[:, rows_], gumbel[:, rows_]))
+        probs, h, argmax, sampled = (mx.concatenate(list(x), axis=1) for x in zip(*parts))
+        argmax = argmax.astype(canvas.dtype)
+        canvas, mask, stop, history = tail(canvas, sampled.astype(canvas.dtype), argmax, h, history, noise)
+        return canvas, argmax, probs, mask, stop.all(), history
+
+    return prepare, step
 
 
 def _make_noise_step_fn(g: GenerationConfig):
@@ -184,8 +249,11 @@ def generate_step(
     key = key if key is not None else mx.random.key(int(time.time_ns() % 2**31))
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
     through_kernels = noise is None and fused()
+    prepare = None  # randomness drawn before the forward (the split sampler's Gumbel noise)
     if through_kernels:
         step_fn = _make_fused_step_fn(g, V, model.args.final_logit_softcapping or 0.0)
+    elif noise is None and split_sampler() and C > 1:
+        prepare, step_fn = _make_split_step_fn(g, V, (1, C, V))
     else:
         step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
     eos = set(g.eos_token_id)
@@ -209,17 +277,17 @@ def generate_step(
         for countdown in (
             range(N, 0, -1) if not fast else ()
         ):  # transformers' step counter: N first, 1 at the last possible step
+            if noise is None:
+                key, k_step = mx.random.split(key)
+                randomness = (k_step,) if prepare is None else prepare(k_step)  # before the forward: it overlaps
+            else:
+                randomness = (noise.sample(block, steps + 1, (1, C, V)), noise.renoise(block, steps + 1, (1, C)))
             if through_kernels:
                 soft = None if sc is None else model.soft_embed_logits(*sc, top_k=g.sc_top_k)
                 logits = model.denoise(canvas, cache, self_conditioning_embeds=soft, softcap=False)
             else:
                 logits = model.denoise(canvas, cache, self_conditioning_probs=sc, sc_top_k=g.sc_top_k)
             temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
-            if noise is None:
-                key, k_step = mx.random.split(key)
-                randomness = (k_step,)
-            else:
-                randomness = (noise.sample(block, steps + 1, (1, C, V)), noise.renoise(block, steps + 1, (1, C)))
             canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, *randomness)
             steps += 1
             mx.async_eval(canvas, argmax, stop)
