@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from . import accounting
-from .generate import _make_split_step_fn, _make_step_fn, generate_step, prefill, settings, split_sampler
+from . import accounting, streams
+from .generate import _make_split_step_fn, _make_step_fn, generate_step, prefill, settings
 from .model import Model
 
 NEVER_STOP = dict(stability_threshold=1, confidence_threshold=1e-30, eos_token_id=[])
@@ -64,7 +64,7 @@ def component_times(model: Model, prefix: int, seed: int = 0) -> dict[str, float
     canvas = mx.random.randint(0, V, (1, C), key=mx.random.split(key)[0])
     logits = model.denoise(canvas, cache)
     g = settings(model, **NEVER_STOP)
-    if split_sampler() and C > 1:  # as generation runs it; timed here with its noise drawn, not overlapped
+    if streams.enabled() and C > 1:  # as generation runs it; timed here with its noise drawn, not overlapped
         prepare, split = _make_split_step_fn(g, V, (1, C, V))
 
         def step_fn(logits, canvas, history, temp, key):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import kernels, memory, sampling
+from . import kernels, memory, sampling, streams
 from .cache import PromptCache
 from .config import MODES, ConfigError, GenerationConfig
 from .model import CanvasKV, Model, put_positions
@@ -101,23 +100,6 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
     return mx.compile(step_fn)
 
 
-_SIDE: mx.Stream | None = None
-
-
-def side_stream() -> mx.Stream:
-    """A second CPU stream (its own thread), made once per process."""
-    global _SIDE
-    if _SIDE is None:
-        _SIDE = mx.new_stream(mx.cpu)
-    return _SIDE
-
-
-def split_sampler() -> bool:
-    """Whether the sampler runs on two CPU streams (`_make_split_step_fn`): on the CPU, unless
-    MLX_DIFFGEMMA_STREAMS=0."""
-    return os.environ.get("MLX_DIFFGEMMA_STREAMS", "1") != "0" and mx.default_device() == mx.cpu
-
-
 def _row_pass(processed: mx.array, gumbel: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
     """The sampler's pass over the vocabulary for some canvas rows: probabilities, entropies, argmax, sample."""
     probs, h = sampling.softmax_entropy(processed)
@@ -133,7 +115,7 @@ def _make_split_step_fn(g: GenerationConfig, vocab: int, shape: tuple[int, int, 
     and entropies, bit for bit (tests/test_generate.py). Returns (prepare, step). C >= 2 (see
     `sampling.gumbel_uniforms`)."""
     B, C, V = shape
-    side, main = side_stream(), mx.default_stream(mx.cpu)
+    side, main = streams.side(), streams.main()
     rows = mx.compile(_row_pass)
     tail = mx.compile(
         lambda canvas, sampled, argmax, h, history, noise: sampling.settle(
@@ -252,7 +234,7 @@ def generate_step(
     prepare = None  # randomness drawn before the forward (the split sampler's Gumbel noise)
     if through_kernels:
         step_fn = _make_fused_step_fn(g, V, model.args.final_logit_softcapping or 0.0)
-    elif noise is None and split_sampler() and C > 1:
+    elif noise is None and streams.enabled() and C > 1:
         prepare, step_fn = _make_split_step_fn(g, V, (1, C, V))
     else:
         step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
