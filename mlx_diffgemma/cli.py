@@ -901,6 +901,7 @@ def bench(
                     "prefix": report.prefix,
                     "costs": {k: vars(v) for k, v in report.costs.items()},
                     "matmul_flops": report.matmul_flops,
+                    "matmul_range": report.matmul_range,
                     "times": report.times,
                     "steps_per_s": report.steps_per_s,
                     "end_to_end": report.end_to_end,
