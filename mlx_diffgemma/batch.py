@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import sampling
+from . import sampling, streams
 from .cache import FullAttentionCache, PromptCache, join_rows, subset
 from .config import GenerationConfig
 from .generate import Commit, Step, _check_context, _fast_block, check_ids, fused, partial_steps, prefill
@@ -227,6 +227,11 @@ class Batch:
             for r in rows:
                 r.key, k_step = mx.random.split(r.key)
                 keys.append(mx.random.split(k_step))  # (sample, renoise)
+            split = not through_kernels and streams.enabled() and C > 1
+            if split:  # the draws' noise on the second stream while the decoder runs (sampling.split_pass)
+                with mx.stream(streams.side()):
+                    gumbel = mx.concatenate([sampling.gumbel_draws((1, C, V), k[0]) for k in keys])
+                mx.async_eval(gumbel)
             if through_kernels:  # one fused pass over the raw logits; the signal is (logits, temperatures, lse)
                 if sc is None:
                     soft = None
@@ -249,10 +254,14 @@ class Batch:
                             else model.soft_embed_probs(sc[j : j + 1]) for j, r in enumerate(rows)]  # fmt: skip
                     logits = model.denoise(canvas, cache, start=start, self_conditioning_embeds=mx.concatenate(soft))
                 temps = mx.array([[[_temperature(r)]] for r in rows], dtype=mx.float32)
-                processed, sc, h, argmax = _scores(logits, temps)
+                if split:
+                    sc, h, argmax, sampled = sampling.split_pass(logits, temps, gumbel)
+                    argmax, sampled = argmax.astype(mx.int32), sampled.astype(mx.int32)
+                else:
+                    processed, sc, h, argmax = _scores(logits, temps)
             stops, masks = [], []
             for j, r in enumerate(rows):
-                if through_kernels:
+                if through_kernels or split:
                     chosen = sampled[j : j + 1]
                 else:
                     chosen = sampling.sample(processed[j : j + 1], key=keys[j][0]).astype(mx.int32)

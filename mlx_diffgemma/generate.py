@@ -21,7 +21,6 @@ from .cache import PromptCache
 from .config import MODES, ConfigError, GenerationConfig
 from .model import CanvasKV, Model, put_positions
 from .noise import Noise
-from .noise import gumbel as noise_gumbel
 
 
 @dataclass(frozen=True)
@@ -100,12 +99,6 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
     return mx.compile(step_fn)
 
 
-def _row_pass(processed: mx.array, gumbel: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """The sampler's pass over the vocabulary for some canvas rows: probabilities, entropies, argmax, sample."""
-    probs, h = sampling.softmax_entropy(processed)
-    return probs, h, processed.argmax(axis=-1), (processed + gumbel).argmax(axis=-1)
-
-
 def _make_split_step_fn(g: GenerationConfig, vocab: int, shape: tuple[int, int, int]):
     """`_make_step_fn` for MLX's CPU backend, where a stream evaluates elementwise work on one thread and the
     sampler's pass over the (B, C, V) logits is nothing else: the pass runs as two halves of the canvas on two
@@ -115,8 +108,6 @@ def _make_split_step_fn(g: GenerationConfig, vocab: int, shape: tuple[int, int, 
     and entropies, bit for bit (tests/test_generate.py). Returns (prepare, step). C >= 2 (see
     `sampling.gumbel_uniforms`)."""
     B, C, V = shape
-    side, main = streams.side(), streams.main()
-    rows = mx.compile(_row_pass)
     tail = mx.compile(
         lambda canvas, sampled, argmax, h, history, noise: sampling.settle(
             canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
@@ -125,20 +116,14 @@ def _make_split_step_fn(g: GenerationConfig, vocab: int, shape: tuple[int, int, 
 
     def prepare(key):
         k_sample, k_noise = mx.random.split(key)
-        with mx.stream(side):
-            gumbel = noise_gumbel(sampling.gumbel_uniforms(shape, k_sample))  # as mx.random.categorical
+        with mx.stream(streams.side()):
+            gumbel = sampling.gumbel_draws(shape, k_sample)
             noise = sampling.random_canvas((B, C), vocab, key=k_noise)
         mx.async_eval(gumbel, noise)
         return gumbel, noise
 
     def step(logits, canvas, history, temp, gumbel, noise):
-        processed = logits / temp
-        halves = (slice(0, C // 2), slice(C // 2, C))
-        parts = []
-        for stream, rows_ in zip((main, side), halves):
-            with mx.stream(stream):
-                parts.append(rows(processed[:, rows_], gumbel[:, rows_]))
-        probs, h, argmax, sampled = (mx.concatenate(list(x), axis=1) for x in zip(*parts))
+        probs, h, argmax, sampled = sampling.split_pass(logits, temp, gumbel)
         argmax = argmax.astype(canvas.dtype)
         canvas, mask, stop, history = tail(canvas, sampled.astype(canvas.dtype), argmax, h, history, noise)
         return canvas, argmax, probs, mask, stop.all(), history

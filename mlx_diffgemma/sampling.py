@@ -8,7 +8,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import fastmath, kernels
+from . import fastmath, kernels, streams
+from .noise import gumbel
 
 _TINY = float(np.nextafter(np.float32(0), np.float32(1)))  # the low end of MLX's Gumbel uniforms
 
@@ -97,6 +98,35 @@ def gumbel_uniforms(shape: tuple[int, ...], key: mx.array) -> mx.array:
     these): a fused pass given them samples exactly what `sample` samples. For (B, C, V) with C >= 2 only: over a
     single row MLX's categorical draws other numbers (checked for several V, MLX 0.32.4)."""
     return mx.random.uniform(low=_TINY, high=1.0, shape=shape, key=key)
+
+
+def gumbel_draws(shape: tuple[int, ...], key: mx.array) -> mx.array:
+    """The Gumbel noise `sample` adds to the logits with `key`: sample(logits, key) is argmax(logits + this)
+    (C >= 2, as for `gumbel_uniforms`)."""
+    return gumbel(gumbel_uniforms(shape, key))
+
+
+def _half_pass(logits: mx.array, temps: mx.array, gumbel: mx.array) -> tuple[mx.array, ...]:
+    processed = logits / temps
+    probs, h = softmax_entropy(processed)
+    return probs, h, processed.argmax(axis=-1), (processed + gumbel).argmax(axis=-1)
+
+
+_half_pass_compiled = mx.compile(_half_pass)
+
+
+def split_pass(logits: mx.array, temps: mx.array, gumbel: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The sampler's pass over the vocabulary on two CPU streams, one half of the canvas each (MLX's CPU backend
+    runs a stream's elementwise work on one thread): from logits (B, C, V), temperatures broadcastable to (B, 1, 1)
+    and Gumbel noise (B, C, V), the probabilities of logits / temps, their entropies, the argmax and the sample
+    argmax(logits / temps + gumbel). Each row sees the operations it would see in one pass: the same numbers."""
+    C = logits.shape[1]
+    parts = []
+    for stream, half in zip((streams.main(), streams.side()), (slice(0, C // 2), slice(C // 2, C))):
+        with mx.stream(stream):
+            parts.append(_half_pass_compiled(logits[:, half], temps, gumbel[:, half]))
+    probs, h, argmax, sampled = (mx.concatenate(list(x), axis=1) for x in zip(*parts))
+    return probs, h, argmax, sampled
 
 
 def fused_pass(

@@ -156,3 +156,26 @@ def test_generate_command_writes_one_json_line_per_answer(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 1 and "prompts.jsonl:1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_batch_generates_the_same_on_one_stream_or_two(checkpoint, monkeypatch):
+    """The batch's sampler on two CPU streams (sampling.split_pass, its Gumbel noise drawn during the forward)
+    gives each row the tokens, steps and acceptances of the one-stream pass. On a random checkpoint, where every
+    later argmax depends on the tokens drawn before (a draw with other noise changes them)."""
+    model = load(checkpoint("basic"))[0]
+    g = settings(model, max_denoising_steps=4, eos_token_id=[])
+    hot = settings(model, max_denoising_steps=3, entropy_bound=2.0, t_min=1.5, t_max=3.0, eos_token_id=[])
+    rng = np.random.default_rng(5)
+    ids = [rng.integers(3, model.args.vocab_size, n).tolist() for n in (5, 9, 14, 7)]
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MLX_DIFFGEMMA_STREAMS", flag)
+        events = []
+        requests = [Request(x, hot if i % 2 else g, 40, mx.random.key(7 + i), tag=i) for i, x in enumerate(ids)]
+        for tag, e in generate_batch(model, requests):
+            if isinstance(e, Commit):
+                events.append((tag, e.tokens, e.steps, e.finish_reason))
+            else:
+                events.append((tag, e.step, e.draft.tolist(), e.settled.tolist()))
+        runs[flag] = events
+    assert runs["0"] == runs["1"] and len(runs["1"]) > 4
