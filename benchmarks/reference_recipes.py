@@ -47,7 +47,9 @@ def main() -> None:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         hf = export("demo", root / "demo-hf", force=True, log=lambda s: None)
-        prompts = [{"prompt": p} for p, _ in examples(args.prompts, HELD_OUT_SEED)]
+        prompts = [
+            {"prompt": p} if isinstance(p, str) else {"messages": p} for p, _ in examples(args.prompts, HELD_OUT_SEED)
+        ]
         ref_file = root / "demo.ref"
         t = time.time()
         header = ref.record(hf, ref_file, dtype="float32", prompts=prompts, force=True)

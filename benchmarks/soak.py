@@ -23,7 +23,7 @@ from pathlib import Path
 
 import openai
 
-from mlx_diffgemma.demo import HELD_OUT_SEED, examples
+from mlx_diffgemma.demo import HELD_OUT_SEED, examples, question
 
 
 def rss_mb(pid: int) -> float:
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--throughput-requests", type=int, default=48)
     args = ap.parse_args()
-    prompts = [p for p, _ in examples(120, HELD_OUT_SEED)]
+    prompts = [question(p) for p, _ in examples(120, HELD_OUT_SEED)]  # the question of a chat example
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,7 +12,7 @@ import pytest
 from mlx_diffgemma import generate, load, stream_generate
 from mlx_diffgemma.batch import Batch, Request, generate_batch
 from mlx_diffgemma.cache import join_rows
-from mlx_diffgemma.demo import HELD_OUT_SEED, examples
+from mlx_diffgemma.demo import HELD_OUT_SEED, examples, question
 from mlx_diffgemma.generate import Commit, Done, generate_step, prefill, render_prompt, settings
 from mlx_diffgemma.loading import load_model
 
@@ -137,8 +137,11 @@ def test_the_python_api_takes_a_list_of_prompts(demo):
 
 def test_generate_command_writes_one_json_line_per_answer(tmp_path):
     pairs = examples(5, HELD_OUT_SEED)
+    pairs[0] = (question(pairs[0][0]), pairs[0][1])  # -p takes text
     f = tmp_path / "prompts.jsonl"
-    f.write_text("\n".join(json.dumps({"prompt": p}) for p, _ in pairs[1:]) + "\n")
+    f.write_text(
+        "\n".join(json.dumps({"prompt": p} if isinstance(p, str) else {"messages": p}) for p, _ in pairs[1:]) + "\n"
+    )
     r = subprocess.run(
         [sys.executable, "-m", "mlx_diffgemma", "generate", "--model", "demo", "-p", pairs[0][0], "--prompts", f,
          "--seed", "3", "--batch-size", "2"],

@@ -130,7 +130,7 @@ def demo_ref(tmp_path_factory):
     held-out prompts."""
     root = tmp_path_factory.mktemp("demo")
     hf = export("demo", root / "demo-hf", log=lambda s: None)
-    prompts = [{"prompt": p} for p, _ in examples(8, HELD_OUT_SEED)]
+    prompts = [{"prompt": p} if isinstance(p, str) else {"messages": p} for p, _ in examples(8, HELD_OUT_SEED)]
     ref.record(hf, root / "demo.ref", dtype="float32", prompts=prompts)  # transformers loads the export
     return hf, root / "demo.ref"
 

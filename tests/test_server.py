@@ -77,7 +77,9 @@ def demo():
 
 
 def chat(s, content, **kw):
-    return s.client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}], **kw)
+    """A chat completion of one user message, or of a demo example's chat messages."""
+    messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
+    return s.client.chat.completions.create(model="demo", messages=messages, **kw)
 
 
 def test_models_and_health(demo_server):
