@@ -309,15 +309,24 @@ def _fast_block(
         pos = np.arange(C) if full else np.nonzero(~frozen | stale)[0]  # stale ones: K/V of their frozen token
         live = None if full else mx.array(pos, dtype=mx.int32)
         since_full = 1 if full else since_full + 1
+        key, k_step = mx.random.split(key)
+        k_sample, k_noise = mx.random.split(k_step)
+        split = streams.enabled() and len(pos) > 1  # the sampler on two CPU streams, as in exact mode
+        if split:  # its noise drawn on the second stream while the decoder runs
+            with mx.stream(streams.side()):
+                gumbel = sampling.gumbel_draws((1, len(pos), V), k_sample)
+            mx.async_eval(gumbel)
         logits = model.denoise(
             mx.array(tokens)[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live, start=start
         )
-        temp = sampling.temperature(countdown, g.t_min, g.t_max, N)
-        processed = logits / temp
-        probs, h = sampling.softmax_entropy(processed)  # (1, L, V), (1, L): the forwarded positions
-        key, k_step = mx.random.split(key)
-        k_sample, k_noise = mx.random.split(k_step)
-        sampled = sampling.sample(processed, key=k_sample)[0]
+        temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
+        if split:
+            probs, h, am, sampled = sampling.split_pass(logits, temp, gumbel)  # (1, L, V), (1, L) each
+            am, sampled = am[0], sampled[0]
+        else:
+            processed = logits / temp
+            probs, h = sampling.softmax_entropy(processed)  # (1, L, V), (1, L): the forwarded positions
+            am, sampled = processed[0].argmax(-1), sampling.sample(processed, key=k_sample)[0]
         noise = sampling.random_canvas((len(pos),), V, key=k_noise)
         cand = ~frozen[pos]  # frozen positions forwarded (a full step, a stale one) keep their token
         stale[pos] = False
@@ -330,7 +339,7 @@ def _fast_block(
             acc = (top >= g.accept_confidence) | (mx.arange(len(pos)) == best)
         this = model.soft_embed_probs(probs) if g.sc_top_k is None else model.soft_embed_top_k(probs, g.sc_top_k)[0]
         soft = this if full else put_positions(soft, live, this, axis=1)  # frozen positions keep theirs
-        results = (processed[0].argmax(-1), sampled, acc, noise, h[0], top)
+        results = (am, sampled, acc, noise, h[0], top)
         mx.eval(*results, soft)  # one evaluation for the step (the next step's signal included)
         am, sampled, acc, noise, h, top = (np.array(a) for a in results)
         acc &= cand

@@ -209,3 +209,20 @@ def test_eval_command_measures_the_modes(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run(["eval", "--model", "demo", "--data", str(data)])
     assert e.value.code == 1 and "prompts.jsonl:1" in capsys.readouterr().err
+
+
+def test_the_speed_mode_loop_gives_the_same_tokens_on_one_stream_or_two(checkpoint, monkeypatch):
+    """The speed-mode loop's sampler on two CPU streams (sampling.split_pass over the forwarded positions, its noise
+    drawn during the forward) changes nothing: on a random checkpoint, where every draw steers what follows, with
+    freezing (partial steps over fewer positions) and a refresh."""
+    model = load(checkpoint("basic"))[0]
+    g = settings(
+        model, mode="fast", max_denoising_steps=8, eos_token_id=[], t_max=1.5, t_min=1.0, freeze_confidence=None
+    )
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("MLX_DIFFGEMMA_STREAMS", flag)
+        events = list(generate_step(model, mx.array([[2, 40, 41, 42, 43]]), g, 32, key=mx.random.key(3)))
+        runs[flag] = [(e.tokens, e.steps) if isinstance(e, Commit) else (e.draft.tolist(), e.queries) for e in events]
+    assert runs["0"] == runs["1"]
+    assert any(isinstance(q, int) and 1 < q < model.canvas_length for _, q in runs["1"])  # partial steps ran
