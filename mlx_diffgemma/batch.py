@@ -229,9 +229,7 @@ class Batch:
                 keys.append(mx.random.split(k_step))  # (sample, renoise)
             split = not through_kernels and streams.enabled() and C > 1
             if split:  # the draws' noise on the second stream while the decoder runs (sampling.split_pass)
-                with mx.stream(streams.side()):
-                    gumbel = mx.concatenate([sampling.gumbel_draws((1, C, V), k[0]) for k in keys])
-                mx.async_eval(gumbel)
+                gumbel = sampling.gumbel_ahead((1, C, V), [k[0] for k in keys])
             if through_kernels:  # one fused pass over the raw logits; the signal is (logits, temperatures, lse)
                 if sc is None:
                     soft = None

@@ -64,7 +64,7 @@ def component_times(model: Model, prefix: int, seed: int = 0) -> dict[str, float
     logits = model.denoise(canvas, cache)
     g = settings(model, **NEVER_STOP)
     if streams.enabled() and C > 1:  # as generation runs it; timed here with its noise drawn, not overlapped
-        prepare, split = _make_split_step_fn(g, V, (1, C, V))
+        prepare, split = _make_split_step_fn(g, (1, C, V))
 
         def step_fn(logits, canvas, history, temp, key):
             return split(logits, canvas, history, temp, *prepare(key))

@@ -99,7 +99,21 @@ def _make_step_fn(g: GenerationConfig, vocab: int):
     return mx.compile(step_fn)
 
 
-def _make_split_step_fn(g: GenerationConfig, vocab: int, shape: tuple[int, int, int]):
+def _compiled_settle(g: GenerationConfig):
+    """`sampling.settle` with g's bound and threshold, compiled: (canvas, sampled, argmax, h, history, noise) ->
+    (canvas, accepted mask, stop (a scalar: every row), history)."""
+
+    @mx.compile
+    def tail(canvas, sampled, argmax, h, history, noise):
+        canvas, mask, stop, history = sampling.settle(
+            canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
+        )
+        return canvas, mask, stop.all(), history
+
+    return tail
+
+
+def _make_split_step_fn(g: GenerationConfig, shape: tuple[int, int, int]):
     """`_make_step_fn` for MLX's CPU backend, where a stream evaluates elementwise work on one thread and the
     sampler's pass over the (B, C, V) logits is nothing else: the pass runs as two halves of the canvas on two
     streams, and the Gumbel noise, which depends only on the key, is drawn on the second stream while the decoder
@@ -108,25 +122,17 @@ def _make_split_step_fn(g: GenerationConfig, vocab: int, shape: tuple[int, int, 
     and entropies, bit for bit (tests/test_generate.py). Returns (prepare, step). C >= 2 (see
     `sampling.gumbel_uniforms`)."""
     B, C, V = shape
-    tail = mx.compile(
-        lambda canvas, sampled, argmax, h, history, noise: sampling.settle(
-            canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
-        )
-    )
+    tail = _compiled_settle(g)
 
     def prepare(key):
         k_sample, k_noise = mx.random.split(key)
-        with mx.stream(streams.side()):
-            gumbel = sampling.gumbel_draws(shape, k_sample)
-            noise = sampling.random_canvas((B, C), vocab, key=k_noise)
-        mx.async_eval(gumbel, noise)
-        return gumbel, noise
+        return sampling.gumbel_ahead(shape, [k_sample]), sampling.random_canvas((B, C), V, key=k_noise)
 
     def step(logits, canvas, history, temp, gumbel, noise):
         probs, h, argmax, sampled = sampling.split_pass(logits, temp, gumbel)
         argmax = argmax.astype(canvas.dtype)
         canvas, mask, stop, history = tail(canvas, sampled.astype(canvas.dtype), argmax, h, history, noise)
-        return canvas, argmax, probs, mask, stop.all(), history
+        return canvas, argmax, probs, mask, stop, history
 
     return prepare, step
 
@@ -153,12 +159,7 @@ def _make_fused_step_fn(g: GenerationConfig, vocab: int, cap: float):
     samples the same tokens), then accept, renoise and the stop criterion, compiled. The next step's
     self-conditioning signal is (raw logits, temperatures, log-sum-exp) instead of the probabilities."""
 
-    @mx.compile
-    def tail(canvas, sampled, argmax, h, history, noise):
-        canvas, mask, stop, history = sampling.settle(
-            canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
-        )
-        return canvas, mask, stop.all(), history
+    tail = _compiled_settle(g)
 
     def step_fn(logits, canvas, history, temp, key):
         k_sample, k_noise = mx.random.split(key)
@@ -220,7 +221,7 @@ def generate_step(
     if through_kernels:
         step_fn = _make_fused_step_fn(g, V, model.args.final_logit_softcapping or 0.0)
     elif noise is None and streams.enabled() and C > 1:
-        prepare, step_fn = _make_split_step_fn(g, V, (1, C, V))
+        prepare, step_fn = _make_split_step_fn(g, (1, C, V))
     else:
         step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
     eos = set(g.eos_token_id)
@@ -313,9 +314,7 @@ def _fast_block(
         k_sample, k_noise = mx.random.split(k_step)
         split = streams.enabled() and len(pos) > 1  # the sampler on two CPU streams, as in exact mode
         if split:  # its noise drawn on the second stream while the decoder runs
-            with mx.stream(streams.side()):
-                gumbel = sampling.gumbel_draws((1, len(pos), V), k_sample)
-            mx.async_eval(gumbel)
+            gumbel = sampling.gumbel_ahead((1, len(pos), V), [k_sample])
         logits = model.denoise(
             mx.array(tokens)[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live, start=start
         )
@@ -652,7 +651,7 @@ def _stream_batch(model, tokenizer, ids_list, g, max_tokens, seeds, batch_size) 
         _check_context(model, model.make_cache(), len(ids), max_tokens)
     batch = Batch(model)
     queue = list(enumerate(zip(ids_list, seeds)))
-    streams = [_TextStream(tokenizer, _opens_thought(tokenizer, ids)) for ids in ids_list]
+    decoders = [_TextStream(tokenizer, _opens_thought(tokenizer, ids)) for ids in ids_list]
     texts, thoughts = [[] for _ in ids_list], [[] for _ in ids_list]
     counts = [[0, 0, 0] for _ in ids_list]  # tokens, generated (transformers' count), steps
     mx.reset_peak_memory()
@@ -666,7 +665,7 @@ def _stream_batch(model, tokenizer, ids_list, g, max_tokens, seeds, batch_size) 
             if isinstance(event, Step):
                 yield dataclasses.replace(event, row=i)
                 continue
-            text, thought = streams[i].add(event.tokens, final=event.finished)
+            text, thought = decoders[i].add(event.tokens, final=event.finished)
             texts[i].append(text)
             thoughts[i].append(thought)
             c = counts[i]

@@ -106,6 +106,16 @@ def gumbel_draws(shape: tuple[int, ...], key: mx.array) -> mx.array:
     return gumbel(gumbel_uniforms(shape, key))
 
 
+def gumbel_ahead(shape: tuple[int, ...], keys: list[mx.array]) -> mx.array:
+    """`gumbel_draws(shape, key)` for each key, stacked along axis 0, drawn on the second CPU stream and started
+    now: it depends on nothing but the keys, so it is ready by the time the decoder's forward is."""
+    with mx.stream(streams.side()):
+        draws = [gumbel_draws(shape, k) for k in keys]
+        out = draws[0] if len(draws) == 1 else mx.concatenate(draws)
+    mx.async_eval(out)
+    return out
+
+
 def _half_pass(logits: mx.array, temps: mx.array, gumbel: mx.array) -> tuple[mx.array, ...]:
     processed = logits / temps
     probs, h = softmax_entropy(processed)

@@ -93,7 +93,7 @@ def test_the_split_sampler_is_the_compiled_step_bit_for_bit(C):
         logits = mx.random.normal((1, C, V), key=mx.random.key(100 + seed)) * scale
         key, t = mx.random.key(seed), mx.array(temp, dtype=mx.float32)
         want = _make_step_fn(g, V)(logits, canvas, history, t, key)
-        prepare, step = _make_split_step_fn(g, V, (1, C, V))
+        prepare, step = _make_split_step_fn(g, (1, C, V))
         got = step(logits, canvas, history, t, *prepare(key))
         for name, w, o in zip(("canvas", "argmax", "probs", "mask", "stop", "history"), want, got):
             assert w.dtype == o.dtype and mx.array_equal(w, o), name
