@@ -3,7 +3,9 @@ an MoE) on generated tasks whose answers can be checked exactly (mlx_diffgemma/d
 
     python benchmarks/train_demo.py --out .cache/demo-v2/model --init mlx_diffgemma/demo/model
 
-Re-running the same command resumes from the last checkpoint (so a run can span sessions). `--init` starts from
+Re-running the same command resumes from the last checkpoint (so a run can span sessions). `--backend torch`
+runs the same training on PyTorch (transformers' modules, mlx_diffgemma/torch_train.py): several times faster
+than MLX's CPU backend on Linux; on a Mac, MLX on Metal is the one to use. `--init` starts from
 another demo model's weights (same architecture; the canvas length is not a weight) instead of random ones. The
 held-out questions of benchmarks/eval_demo.py (its seed) are kept out of the training set, as questions and as
 earlier turns. `--ship` then copies the finished model, without the trainer's
@@ -51,6 +53,13 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=100_000)
     ap.add_argument("--checkpoint-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--backend",
+        choices=("mlx", "torch"),
+        default="mlx",
+        help="torch: the same training on PyTorch (mlx_diffgemma/torch_train.py), several times faster on a CPU",
+    )
+    ap.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
     ap.add_argument("--ship", action="store_true", help="copy the finished model into mlx_diffgemma/demo/model")
     args = ap.parse_args()
 
@@ -90,17 +99,13 @@ def main() -> None:
         seed=args.seed,
     )
     v = demo.vocabulary()
-    train.train(
-        model,
-        pairs,
-        args.out,
-        folder,
-        cfg,
-        eos_id=v["<eos>"],
-        pad_id=v["<pad>"],
-        progress=sys.stderr.isatty(),
-        log=lambda s: print(s, flush=True),
-    )
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.backend == "torch":
+        from mlx_diffgemma import torch_train
+
+        torch_train.train(model, pairs, args.out, folder, cfg, v["<eos>"], v["<pad>"], log=log, device=args.device)
+    else:
+        train.train(model, pairs, args.out, folder, cfg, v["<eos>"], v["<pad>"], progress=sys.stderr.isatty(), log=log)
     if args.ship:
         ship(args.out, REPO / "mlx_diffgemma/demo/model")
 

@@ -1,6 +1,7 @@
 """The PyTorch/transformers reference path: tiny checkpoints in the real HF layout and transformers' own numbers.
 
-The only module that imports torch or transformers (the `reference` extra). Runs on the CPU or CUDA.
+With torch_train (the training loop on PyTorch), the only modules that import torch or transformers (the
+`reference` extra). Runs on the CPU or CUDA.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import noise
+from .config import FULL, SLIDING
 from .convert.export import MINIMAL_VISION
 
 try:
@@ -339,6 +341,52 @@ def reference_loss(model: DiffusionGemmaForBlockDiffusion, batch, encoder_weight
         dec.append(ce / float(batch.t[b]) if reweight else ce)
     dec_loss = torch.stack(dec).mean()
     enc_loss = enc_sum / enc_n
+    return dec_loss + encoder_weight * enc_loss, {"canvas": dec_loss, "encoder": enc_loss}
+
+
+def batch_loss(model: DiffusionGemmaForBlockDiffusion, batch, encoder_weight: float = 1.0, reweight: bool = False):
+    """`reference_loss` for the whole batch at once (what torch_train trains with): one encoder pass over the
+    right-padded sequences into a cache that keeps every key (transformers' sliding layers would keep only the last
+    window of the whole sequence), then the decoder over all scored blocks, each masked to its own context (the last
+    W-1 positions of it on sliding layers, as generation's sliding cache keeps) and placed at its own positions."""
+    import torch.nn.functional as F
+
+    text = model.config.text_config
+    ids = torch.as_tensor(batch.ids, device=model.device)
+    B, S = ids.shape
+    C = batch.noise_mask.shape[1]
+    cache = DynamicCache()  # no config: plain layers, all S keys kept
+    h = model.model.encoder(input_ids=ids, cache=cache).last_hidden_state
+    logits = model.lm_head(h[:, :-1]).float()
+    cap = model.final_logit_softcapping
+    logits = torch.tanh(logits / cap) * cap
+    ce = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(B, S - 1)
+    lengths = torch.as_tensor(batch.lengths, device=ids.device)
+    valid = torch.arange(S - 1, device=ids.device)[None] < (lengths - 1)[:, None]
+    enc_loss = (ce * valid).sum() / valid.sum()
+
+    ctx = torch.as_tensor(batch.context, device=ids.device)[:, None]
+    k = torch.arange(S + C, device=ids.device)[None]
+    canvas = k >= S
+    full = (k < ctx) | canvas
+    sliding = ((k < ctx) & (k >= ctx - (text.sliding_window - 1))) | canvas
+    masks = {name: m[:, None, None, :].expand(B, 1, C, S + C) for name, m in [(FULL, full), (SLIDING, sliding)]}
+    kw = dict(
+        decoder_input_ids=torch.as_tensor(batch.noisy, device=ids.device),
+        cache=cache,
+        decoder_attention_mask=masks,
+        decoder_position_ids=ctx + torch.arange(C, device=ids.device)[None],
+    )
+    out = model(**kw).logits
+    if batch.sc_mask.any():  # detached two-pass self-conditioning on the chosen examples
+        sc_mask = torch.as_tensor(batch.sc_mask, device=ids.device)
+        out = model(**kw, self_conditioning_logits=out.detach(), self_conditioning_mask=sc_mask).logits
+    targets = torch.as_tensor(batch.targets, device=ids.device)
+    dec_ce = F.cross_entropy(out.float().flatten(0, 1), targets.flatten(), reduction="none").view(B, C)
+    if reweight:
+        dec_loss = (dec_ce.mean(1) / torch.as_tensor(batch.t, dtype=torch.float32, device=ids.device)).mean()
+    else:
+        dec_loss = dec_ce.mean()
     return dec_loss + encoder_weight * enc_loss, {"canvas": dec_loss, "encoder": enc_loss}
 
 

@@ -331,10 +331,13 @@ def check_out(out_dir: str | Path, protect: list[Path], force: bool) -> None:
     )
 
 
-def resume_state(out_dir: Path, cfg: TrainConfig, base: str | None = None, log=None) -> dict | None:
+def resume_state(
+    out_dir: Path, cfg: TrainConfig, base: str | None = None, log=None, backend: str = "mlx"
+) -> dict | None:
     """The trainer state of the checkpoint in `out_dir` when this run can resume it (None when there is none); a
-    ValueError when the run differs in what trains (LoRA or not, its rank and scale, the router) or, given the
-    base model's `fingerprint`, in the model it started from. `log` hears of the settings that changed."""
+    ValueError when the run differs in what trains (LoRA or not, its rank and scale, the router), in the backend
+    that wrote it (MLX here, PyTorch in torch_train) or, given the base model's `fingerprint`, in the model it
+    started from. `log` hears of the settings that changed."""
     import json
 
     if not is_checkpoint(out_dir):
@@ -346,6 +349,11 @@ def resume_state(out_dir: Path, cfg: TrainConfig, base: str | None = None, log=N
             raise ValueError("bad config or step")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{out_dir} holds a damaged checkpoint ({e}); pass --force to start over") from None
+    if state.get("backend", "mlx") != backend:
+        raise ValueError(
+            f"{out_dir} holds a run of the {state.get('backend')} trainer, not the {backend} one; resume it with "
+            "that backend, or pass --force to start over"
+        )
     for key in STRUCTURAL:
         if saved.get(key) != getattr(cfg, key):
             flag = "--" + key.replace("_", "-")
@@ -424,20 +432,7 @@ def train(
     batches = length_batches(examples, cfg.batch_size, cfg.seed)
     tic, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
-        if batches:
-            chosen = batches[rng.integers(len(batches))]
-        else:  # fewer examples than a batch
-            chosen = rng.choice(len(examples), cfg.batch_size, replace=True)
-        batch = make_batch(
-            [examples[i] for i in chosen],
-            model.canvas_length,
-            model.args.vocab_size,
-            eos_id,
-            pad_id,
-            rng,
-            cfg.eps,
-            cfg.self_conditioning_prob,
-        )
+        batch = next_batch(examples, batches, rng, cfg, model.canvas_length, model.args.vocab_size, eos_id, pad_id)
         (value, parts), grads = loss_and_grad(batch)
         if cfg.grad_clip:
             grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
@@ -454,10 +449,7 @@ def train(
         if bar:
             bar.update(step + 1, float(value), tps)
         elif (step + 1) % max(cfg.checkpoint_every // 4, 1) == 0 or step + 1 == cfg.steps:
-            log(
-                f"step {step + 1}/{cfg.steps} loss {float(value):.4f} (canvas {float(parts['canvas']):.4f}, "
-                f"encoder {float(parts['encoder']):.4f}) {tps:.0f} tok/s"
-            )
+            log(progress_line(step + 1, cfg.steps, losses[-1], tps))
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _checkpoint(model, optimizer, rng, step + 1, cfg, out_dir, model_dir, losses, base, log)
         if stop_after is not None and step + 1 >= stop_after:
@@ -465,6 +457,31 @@ def train(
     if bar:
         bar.close()
     return model
+
+
+def next_batch(examples, batches, rng, cfg: TrainConfig, canvas_length, vocab_size, eos_id, pad_id) -> Batch:
+    """One step's batch: one of `length_batches` at random (or a draw with replacement from fewer examples than a
+    batch), made with the run's generator."""
+    if batches:
+        chosen = batches[rng.integers(len(batches))]
+    else:  # fewer examples than a batch
+        chosen = rng.choice(len(examples), cfg.batch_size, replace=True)
+    return make_batch(
+        [examples[i] for i in chosen],
+        canvas_length,
+        vocab_size,
+        eos_id,
+        pad_id,
+        rng,
+        cfg.eps,
+        cfg.self_conditioning_prob,
+    )
+
+
+def progress_line(step: int, steps: int, losses: list[float], tps: float) -> str:
+    """The log line of a step: `losses` is [step, total, canvas, encoder]."""
+    _, value, canvas, encoder = losses
+    return f"step {step}/{steps} loss {value:.4f} (canvas {canvas:.4f}, encoder {encoder:.4f}) {tps:.0f} tok/s"
 
 
 def length_batches(
@@ -497,7 +514,22 @@ def check_examples(examples: list[tuple[list[int], list[int]]], vocab: int) -> N
 
 
 def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, losses, base, log) -> None:
-    """Write a loadable model folder, with the trainer's state in its `trainer/` subfolder, atomically."""
+    def trainer(folder: Path) -> None:
+        trainable = dict(tree_flatten(model.trainable_parameters()))
+        mx.save_safetensors(str(folder / "trainable.safetensors"), trainable)
+        mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+
+    state = {"step": step, "rng": rng.bit_generator.state, "config": dataclasses.asdict(cfg), "base": base}
+    state["backend"] = "mlx"
+    save_checkpoint(
+        out_dir, model_dir, model.config.raw, merged_weights(model), trainer, state | {"losses": losses}, log
+    )
+
+
+def save_checkpoint(out_dir: Path, model_dir, config: dict, weights: dict[str, mx.array], trainer, state: dict, log):
+    """Write a loadable model folder (`weights` under our names, `config` as config.json, the tokenizer and other
+    metadata of `model_dir`), with the trainer's state in its `trainer/` subfolder (`trainer(folder)` writes the
+    backend's own files there, beside state.json), atomically: a killed run leaves the last checkpoint whole."""
     import json
 
     from .files import copy_metadata, replace_dir, staging_dir
@@ -506,27 +538,13 @@ def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, loss
     try:
         if model_dir is not None:
             copy_metadata(Path(model_dir), tmp, log)
-        (tmp / "config.json").write_text(json.dumps(model.config.raw, indent=2))
-        weights = merged_weights(model)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in sorted(weights)}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         (tmp / TRAINER).mkdir()
-        trainable = dict(tree_flatten(model.trainable_parameters()))
-        mx.save_safetensors(str(tmp / TRAINER / "trainable.safetensors"), trainable)
-        mx.save_safetensors(str(tmp / TRAINER / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        (tmp / TRAINER / "state.json").write_text(
-            json.dumps(
-                {
-                    "step": step,
-                    "rng": rng.bit_generator.state,
-                    "config": dataclasses.asdict(cfg),
-                    "base": base,
-                    "losses": losses,
-                },
-                indent=2,
-            )
-        )
+        trainer(tmp / TRAINER)
+        (tmp / TRAINER / "state.json").write_text(json.dumps(state, indent=2))
         replace_dir(tmp, out_dir)
     except BaseException:
         import shutil

@@ -1,5 +1,6 @@
-"""The training objective equals the same loss computed from transformers' modules, and so do its gradients
-(an encoder layer's k_proj among them: gradients reach the encoder through the K/V the decoder reads)."""
+"""The training objective equals the same loss computed from transformers' modules (example by example, and
+batched as the PyTorch trainer computes it), and so do its gradients (an encoder layer's k_proj among them:
+gradients reach the encoder through the K/V the decoder reads)."""
 
 import mlx.core as mx
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_diffgemma import load, train
-from mlx_diffgemma.reference import ReferenceModel, reference_loss
+from mlx_diffgemma.reference import ReferenceModel, batch_loss, reference_loss
 
 CHOSEN = [
     "layers.0.self_attn.k_proj.weight",  # the encoder's K/V path (and the decoder's own keys)
@@ -45,15 +46,18 @@ def test_loss_and_gradients_match_transformers(checkpoint, reweight, encoder_wei
         return train.loss(model, batch, encoder_weight, reweight)[0]
 
     ours, grads = mx.value_and_grad(f)(model.trainable_parameters())
-    theirs, _ = reference_loss(ref, batch, encoder_weight, reweight)
-    theirs.backward()
-    assert abs(float(ours) - theirs.item()) <= 1e-4, (float(ours), theirs.item())
     grads = dict(tree_flatten(grads))
-    for name in CHOSEN:
-        g = np.array(grads[name])
-        want = ref.get_parameter(hf_name(name)).grad.numpy()
-        scale = np.abs(want).max()
-        assert scale > 0 and np.abs(g - want).max() <= 2e-4 * scale, (name, np.abs(g - want).max(), scale)
+    # transformers' modules example by example, and the batched loss the PyTorch trainer uses (torch_train)
+    for torch_loss in (reference_loss, batch_loss):
+        ref.zero_grad()
+        theirs, _ = torch_loss(ref, batch, encoder_weight, reweight)
+        theirs.backward()
+        assert abs(float(ours) - theirs.item()) <= 1e-4, (torch_loss.__name__, float(ours), theirs.item())
+        for name in CHOSEN:
+            g = np.array(grads[name])
+            want = ref.get_parameter(hf_name(name)).grad.numpy()
+            scale = np.abs(want).max()
+            assert scale > 0 and np.abs(g - want).max() <= 2e-4 * scale, (name, np.abs(g - want).max(), scale)
 
 
 def test_gradients_reach_the_encoder_through_the_kv(checkpoint):
