@@ -1,5 +1,6 @@
 """One denoising step over a 256-token canvas, side by side: mlx-diffgemma, mlx-vlm (its compiled decoder) and
-transformers, in one process, rounds interleaved so that machine noise falls on all alike.
+transformers, rounds interleaved so that machine noise falls on all alike (transformers in a child process of its
+own, without LD_PRELOAD: a preloaded OpenBLAS takes over torch's matrix products and slows it about 4x).
 
 The checkpoint is built with transformers (random weights, q/k norms at head_dim^-1/4 as a trained model's):
 hidden 512, 8 layers (3 sliding : 1 full, twice; full layers 2 KV heads x 512, as the real model), 8 query heads,
@@ -200,6 +201,83 @@ class Transformers:
 
 
 ENGINES = {"ours": Ours, "mlx-vlm": MlxVlm, "transformers": Transformers}
+# Engines that run in a process of their own, without this one's LD_PRELOAD: torch links its own BLAS (MKL), and
+# the OpenBLAS that MLX on Linux is run with, preloaded, takes over torch's matrix products and slows a
+# transformers step about 4x (1.07 -> 0.26 steps/s at prefix 256, benchmarks/RESULTS.md).
+ISOLATED = {"transformers"}
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
+class Isolated:
+    """An engine served by a child process started without LD_PRELOAD; its rounds still interleave with the
+    others' (the child stays up between them). Requests and replies are JSON lines; logits travel as .npy files."""
+
+    def __init__(self, key: str, path: Path, workdir: Path):
+        self.workdir = workdir
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--workdir", str(workdir), "--serve", key],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_clean_env(),
+        )
+        self.name = self._reply()["name"]
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {type(self).__name__} engine's process ended (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def _call(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def run(self, ids: np.ndarray, steps: int) -> list[float]:
+        return self._call(op="run", ids=ids.tolist(), steps=steps)["times"]
+
+    def first_logits(self, ids: np.ndarray, canvas: np.ndarray) -> np.ndarray:
+        out = self.workdir / "first_logits.npy"
+        self._call(op="first_logits", ids=ids.tolist(), canvas=canvas.tolist(), out=str(out))
+        return np.load(out)
+
+
+def serve(key: str, path: Path) -> None:
+    """The child side of `Isolated`: one engine, answering requests from stdin until it closes."""
+    e = ENGINES[key](path)
+    reply = sys.stdout
+    sys.stdout = sys.stderr  # whatever the engine prints stays off the reply channel
+    reply.write(json.dumps({"name": e.name}) + "\n")
+    reply.flush()
+    for line in sys.stdin:
+        r = json.loads(line)
+        ids = np.array(r["ids"])
+        if r["op"] == "run":
+            answer = {"times": e.run(ids, r["steps"])}
+        else:
+            np.save(r["out"], e.first_logits(ids, np.array(r["canvas"])))
+            answer = {}
+        reply.write(json.dumps(answer) + "\n")
+        reply.flush()
+
+
+def openblas_core() -> str | None:
+    """The kernel family of a preloaded OpenBLAS (what it detected, or OPENBLAS_CORETYPE): its generic Prescott
+    kernels run fp32 matmul about 4x slower than its SkylakeX ones on this machine's CPU, which the Debian build
+    does not recognise (the Makefile names the family)."""
+    import ctypes
+
+    lib = next((p for p in os.environ.get("LD_PRELOAD", "").split(":") if "openblas" in p), None)
+    try:
+        name = ctypes.CDLL(lib).openblas_get_corename
+    except (OSError, AttributeError, TypeError):
+        return None
+    name.restype = ctypes.c_char_p
+    return name().decode()
 
 
 def versions() -> str:
@@ -211,8 +289,8 @@ def versions() -> str:
             out.append(f"{mod} {__import__(mod).__version__}")
         except ImportError:
             pass
-    blas = os.environ.get("LD_PRELOAD", "")
-    out.append("MLX BLAS: " + ("OpenBLAS (preloaded)" if "openblas" in blas else "bundled reference BLAS"))
+    core = openblas_core()
+    out.append("MLX BLAS: " + (f"OpenBLAS (preloaded, {core} kernels)" if core else "bundled reference BLAS"))
     try:
         import torch
 
@@ -252,16 +330,22 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PREFIX"), help=argparse.SUPPRESS)
+    ap.add_argument("--serve", metavar="ENGINE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     path = build(args.workdir / "checkpoint")
     if args.child:
         return child(args.child[0], path, int(args.child[1]))
+    if args.serve:
+        return serve(args.serve, path)
 
     if args.memory_only:
         return memory_table(args, [ENGINES[n] for n in args.engines])
-    engines = [ENGINES[n](path) for n in args.engines]
+    engines = [Isolated(n, path, args.workdir) if n in ISOLATED else ENGINES[n](path) for n in args.engines]
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores"
     print(f"# {time.strftime('%Y-%m-%d')} · {machine} · {versions()}")
+    apart = [e.name for e in engines if isinstance(e, Isolated)]
+    if apart:
+        print(f"# {', '.join(apart)} in a process of its own, without LD_PRELOAD (torch's own BLAS)")
     print(f"# {' '.join(sys.argv)}")
     header = " | ".join(f"{e.name} steps/s (min-median)" for e in engines)
     print(f"| prefix | {header} | " + " | ".join(f"ours / {e.name}" for e in engines[1:]) + " |")
@@ -304,6 +388,7 @@ def memory_table(args, classes) -> None:
                 [sys.executable, __file__, "--workdir", str(args.workdir), "--child", key, str(prefix)],
                 capture_output=True,
                 text=True,
+                env=_clean_env() if key in ISOLATED else None,
             )
             cells.append(fmt(json.loads(r.stdout)["peak_above_load"]) if r.returncode == 0 else "failed")
         print(f"| {prefix:,} | " + " | ".join(cells) + " |", flush=True)
