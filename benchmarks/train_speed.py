@@ -1,6 +1,7 @@
-"""The demo model's training step on both backends, interleaved on the same batches: MLX (`train.train`'s step:
-value_and_grad, clip, AdamW update) and PyTorch (`torch_train`'s: `reference.batch_loss`, backward, clip, AdamW),
-each from the same weights. Tokens per second and seconds per step for each, and their ratio.
+"""The demo model's training step on both backends, rounds interleaved, on the same batches from the same weights:
+MLX (`train.train`'s step: value_and_grad, clip, AdamW update) and PyTorch (`torch_train`'s: `reference.batch_loss`,
+backward, clip, AdamW). Each runs in a process of its own, PyTorch's without LD_PRELOAD (a preloaded OpenBLAS takes
+over torch's matrix products and slows them several times). Seconds per step, tokens per second, and the ratio.
 
     python benchmarks/train_speed.py [--version 2] [--batch-size 32] [--steps 3] [--rounds 2]
 """
@@ -25,22 +26,55 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per backend per round (after one untimed)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--child", nargs=2, metavar=("BACKEND", "ROUND"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args, args.child[0], int(args.child[1]))
 
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
+    import json
+    import subprocess
+
     import numpy as np
-    import torch
-    from bench_step import versions
+    from bench_step import openblas_core, versions
+
+    print(f"# {time.strftime('%Y-%m-%d')} · {platform.machine()} · {os.cpu_count()} CPUs · {versions()}")
+    print(
+        f"demo v{args.version}, batch {args.batch_size}, {args.steps} timed steps per backend per round; each "
+        "backend in a fresh process per round, torch's without LD_PRELOAD (its own BLAS)"
+    )
+    if openblas_core() is None:
+        print("note: MLX runs on its bundled reference BLAS (no OpenBLAS preloaded): see the Makefile")
+    timings: dict[str, list[float]] = {"mlx": [], "torch": []}
+    for r in range(args.rounds):
+        for name in ("mlx", "torch") if r % 2 == 0 else ("torch", "mlx"):
+            env = None if name == "mlx" else {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+            cmd = [sys.executable, __file__, "--version", str(args.version), "--batch-size", str(args.batch_size)]
+            cmd += ["--steps", str(args.steps), "--child", name, str(r)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            seconds, tokens = json.loads(out.splitlines()[-1])
+            timings[name].append(seconds / args.steps)
+            print(
+                f"round {r + 1} {name:5s} {seconds / args.steps:6.2f} s/step {tokens / seconds:7.0f} tokens/s",
+                flush=True,
+            )
+    med = {k: float(np.median(v)) for k, v in timings.items()}
+    ratio = med["mlx"] / med["torch"]
+    print(f"median s/step: mlx {med['mlx']:.2f}, torch {med['torch']:.2f}; torch / mlx speed {ratio:.2f}x")
+
+
+def child(args, backend: str, round_: int) -> None:
+    """One backend's round: the same weights and batches as every other process, one untimed step, then the
+    round's timed steps; prints [seconds, tokens]."""
+    import json
+
+    import numpy as np
     from eval_demo import tokenize
     from mlx_lm.tokenizer_utils import load as load_tokenizer
     from train_demo import TRAIN_MIX, TRAIN_MIX_V2
 
-    from mlx_diffgemma import demo, torch_train, train
+    from mlx_diffgemma import demo, train
     from mlx_diffgemma.config import ModelConfig
     from mlx_diffgemma.model import Model
-    from mlx_diffgemma.reference import batch_loss
 
     folder = REPO / ".cache/train-speed"
     demo.build_tokenizer(folder)
@@ -50,59 +84,64 @@ def main() -> None:
     pairs = tokenize(tok, demo.examples(4000, 1, mix, version=args.version))
     model = Model(ModelConfig.from_dict(demo.demo_config(canvas=canvas)))
     train.init_weights(model, seed=0)
-    tm = torch_train.to_torch(model).train()
     cfg = train.TrainConfig(batch_size=args.batch_size, learning_rate=1e-3, train_router=True)
-    train.prepare(model, cfg)
     rng = np.random.default_rng(0)
     batches = train.length_batches(pairs, cfg.batch_size, 0)
     v = demo.vocabulary()
+    drawn = [
+        train.next_batch(pairs, batches, rng, cfg, canvas, model.args.vocab_size, v["<eos>"], v["<pad>"])
+        for _ in range(1 + (round_ + 1) * args.steps)
+    ]
+    chosen = drawn[1 + round_ * args.steps :]
+    step = mlx_step(model, cfg) if backend == "mlx" else torch_step(model)
+    step(drawn[0])
+    tic = time.perf_counter()
+    for b in chosen:
+        step(b)
+    seconds = time.perf_counter() - tic
+    print(json.dumps([seconds, sum(int(b.lengths.sum()) for b in chosen)]))
 
-    def draw():
-        return train.next_batch(pairs, batches, rng, cfg, canvas, model.args.vocab_size, v["<eos>"], v["<pad>"])
 
+def mlx_step(model, cfg):
+    """train.train's step: value_and_grad, clip, AdamW update, evaluated."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_diffgemma import train
+
+    train.prepare(model, cfg)
     optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.0)
     loss_and_grad = nn.value_and_grad(model, lambda b: train.loss(model, b))
 
-    def mlx_step(batch):
+    def step(batch):
         (value, _), grads = loss_and_grad(batch)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, value)
 
-    params = [p for n, p in tm.named_parameters() if not n.startswith(torch_train.VISION_PREFIXES)]
-    topt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    return step
 
-    def torch_step(batch):
+
+def torch_step(model):
+    """torch_train's step: reference.batch_loss, backward, clip, AdamW."""
+    import torch
+
+    from mlx_diffgemma import torch_train
+    from mlx_diffgemma.reference import batch_loss
+
+    tm = torch_train.to_torch(model).train()
+    params = [p for n, p in tm.named_parameters() if not n.startswith(torch_train.VISION_PREFIXES)]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+    def step(batch):
         value, _ = batch_loss(tm, batch)
-        topt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        topt.step()
+        optimizer.step()
 
-    print(f"# {time.strftime('%Y-%m-%d')} · {platform.machine()} · {os.cpu_count()} CPUs · {versions()}")
-    print(f"demo v{args.version}, batch {args.batch_size}, {args.steps} timed steps per backend per round")
-    warm = draw()
-    mlx_step(warm)
-    torch_step(warm)
-    timings = {"mlx": [], "torch": []}
-    for r in range(args.rounds):
-        chosen = [draw() for _ in range(args.steps)]
-        tokens = sum(int(b.lengths.sum()) for b in chosen)
-        for name, step in (
-            (("mlx", mlx_step), ("torch", torch_step)) if r % 2 == 0 else (("torch", torch_step), ("mlx", mlx_step))
-        ):
-            tic = time.perf_counter()
-            for b in chosen:
-                step(b)
-            seconds = time.perf_counter() - tic
-            timings[name].append((seconds / len(chosen), tokens / seconds))
-            print(
-                f"round {r + 1} {name:5s} {seconds / len(chosen):6.2f} s/step {tokens / seconds:7.0f} tokens/s",
-                flush=True,
-            )
-    med = {k: float(np.median([t for t, _ in v])) for k, v in timings.items()}
-    ratio = med["mlx"] / med["torch"]
-    print(f"median s/step: mlx {med['mlx']:.2f}, torch {med['torch']:.2f}; torch / mlx speed {ratio:.2f}x")
+    return step
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 
@@ -93,6 +94,11 @@ def train(
     if cfg.lora_rank is not None:
         raise ValueError("the PyTorch trainer trains every weight; LoRA runs on the MLX one")
     out_dir = Path(out_dir)
+    if "openblas" in os.environ.get("LD_PRELOAD", ""):
+        log(
+            "note: the preloaded OpenBLAS takes over PyTorch's matrix products (several times slower than its own); "
+            "run the torch backend without LD_PRELOAD"
+        )
     for line in recover(out_dir.parent):  # a run killed mid-checkpoint: its checkpoint back in place
         log(line)
     T.check_out(out_dir, [Path(model_dir)] if model_dir is not None else [], force)
