@@ -11,7 +11,6 @@ offered (full training only; the demo is trained from scratch).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -147,8 +146,7 @@ def train(
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             weights = from_torch(tm, model.dtype)
             trained = {"model": tm.state_dict(), "optimizer": optimizer.state_dict()}
-            run = {"step": step + 1, "rng": rng.bit_generator.state, "config": dataclasses.asdict(cfg)}
-            run |= {"base": base, "backend": "torch", "losses": losses}
+            run = T.trainer_state(step + 1, rng, cfg, base, "torch", losses)
             T.save_checkpoint(
                 out_dir,
                 model_dir,

@@ -514,16 +514,21 @@ def check_examples(examples: list[tuple[list[int], list[int]]], vocab: int) -> N
 
 
 def _checkpoint(model, optimizer, rng, step, cfg, out_dir: Path, model_dir, losses, base, log) -> None:
+    """The MLX trainer's checkpoint: the trainable weights and the optimizer's state beside state.json."""
+
     def trainer(folder: Path) -> None:
         trainable = dict(tree_flatten(model.trainable_parameters()))
         mx.save_safetensors(str(folder / "trainable.safetensors"), trainable)
         mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
 
+    state = trainer_state(step, rng, cfg, base, "mlx", losses)
+    save_checkpoint(out_dir, model_dir, model.config.raw, merged_weights(model), trainer, state, log)
+
+
+def trainer_state(step: int, rng, cfg: TrainConfig, base: str, backend: str, losses: list) -> dict:
+    """state.json: what `resume_state` checks and a resumed run continues from."""
     state = {"step": step, "rng": rng.bit_generator.state, "config": dataclasses.asdict(cfg), "base": base}
-    state["backend"] = "mlx"
-    save_checkpoint(
-        out_dir, model_dir, model.config.raw, merged_weights(model), trainer, state | {"losses": losses}, log
-    )
+    return state | {"backend": backend, "losses": losses}
 
 
 def save_checkpoint(out_dir: Path, model_dir, config: dict, weights: dict[str, mx.array], trainer, state: dict, log):
