@@ -35,7 +35,7 @@ def main() -> None:
     import subprocess
 
     import numpy as np
-    from bench_step import openblas_core, versions
+    from bench_step import _clean_env, openblas_core, versions
 
     print(f"# {time.strftime('%Y-%m-%d')} · {platform.machine()} · {os.cpu_count()} CPUs · {versions()}")
     print(
@@ -47,7 +47,7 @@ def main() -> None:
     timings: dict[str, list[float]] = {"mlx": [], "torch": []}
     for r in range(args.rounds):
         for name in ("mlx", "torch") if r % 2 == 0 else ("torch", "mlx"):
-            env = None if name == "mlx" else {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+            env = None if name == "mlx" else _clean_env()
             cmd = [sys.executable, __file__, "--version", str(args.version), "--batch-size", str(args.batch_size)]
             cmd += ["--steps", str(args.steps), "--child", name, str(r)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
@@ -93,7 +93,7 @@ def child(args, backend: str, round_: int) -> None:
         for _ in range(1 + (round_ + 1) * args.steps)
     ]
     chosen = drawn[1 + round_ * args.steps :]
-    step = mlx_step(model, cfg) if backend == "mlx" else torch_step(model)
+    step = mlx_step(model, cfg) if backend == "mlx" else torch_step(model, cfg)
     step(drawn[0])
     tic = time.perf_counter()
     for b in chosen:
@@ -123,7 +123,7 @@ def mlx_step(model, cfg):
     return step
 
 
-def torch_step(model):
+def torch_step(model, cfg):
     """torch_train's step: reference.batch_loss, backward, clip, AdamW."""
     import torch
 
@@ -131,7 +131,7 @@ def torch_step(model):
     from mlx_diffgemma.reference import batch_loss
 
     tm = torch_train.to_torch(model).train()
-    params = [p for n, p in tm.named_parameters() if not n.startswith(torch_train.VISION_PREFIXES)]
+    params = torch_train.trainable(tm, cfg)
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
     def step(batch):

@@ -61,6 +61,17 @@ def from_torch(tm: DiffusionGemmaForBlockDiffusion, dtype: mx.Dtype = mx.float32
     return out
 
 
+def trainable(tm: DiffusionGemmaForBlockDiffusion, cfg: T.TrainConfig) -> list:
+    """Mark what trains (every text weight; the router unless cfg.train_router is false) and return it."""
+    params = []
+    for name, p in tm.named_parameters():
+        trains = not name.startswith(VISION_PREFIXES) and (cfg.train_router or ".router." not in name)
+        p.requires_grad_(trains)
+        if trains:
+            params.append(p)
+    return params
+
+
 def learning_rate(cfg: T.TrainConfig, step: int) -> float:
     """The rate of update `step` (from 0): train.train's schedule, a linear warm-up from lr/warmup to lr, then a
     cosine decay to 10% at the last step."""
@@ -105,12 +116,7 @@ def train(
     base = fingerprint(model)
     state = None if force else T.resume_state(out_dir, cfg, base, log, backend="torch")
     tm = to_torch(model, device).train()
-    params = []
-    for name, p in tm.named_parameters():
-        trains = not name.startswith(VISION_PREFIXES) and (cfg.train_router or ".router." not in name)
-        p.requires_grad_(trains)
-        if trains:
-            params.append(p)
+    params = trainable(tm, cfg)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
     start, losses = 0, []
