@@ -60,6 +60,12 @@ def main() -> None:
         help="torch: the same training on PyTorch (mlx_diffgemma/torch_train.py), several times faster on a CPU",
     )
     ap.add_argument("--device", default="cpu", help="torch backend: cpu or cuda")
+    ap.add_argument(
+        "--mix",
+        type=_mix,
+        help="the training draw's task shares, e.g. add=0.5,code=0.2,sort=0.1,reverse=0.1,brackets=0.1 "
+        "(default: TRAIN_MIX or TRAIN_MIX_V2); a different draw is different data, so give it a new --out",
+    )
     ap.add_argument("--ship", action="store_true", help="copy the finished model into mlx_diffgemma/demo/model")
     args = ap.parse_args()
 
@@ -73,7 +79,10 @@ def main() -> None:
 
     tok = load_tokenizer(folder)
     held_out = {demo.question(p) for p, _ in demo.examples(demo.HELD_OUT, demo.HELD_OUT_SEED, version=args.version)}
-    mix = TRAIN_MIX if args.version == 1 else TRAIN_MIX_V2
+    mix = args.mix or (TRAIN_MIX if args.version == 1 else TRAIN_MIX_V2)
+    tasks = demo.TASKS if args.version == 1 else demo.TASKS_V2
+    if set(mix) - set(tasks):
+        ap.error(f"--mix: no task {', '.join(sorted(set(mix) - set(tasks)))} (the tasks: {', '.join(sorted(tasks))})")
     data = [
         (p, a)
         for p, a in demo.examples(args.examples, args.seed + 1, mix, version=args.version)
@@ -108,6 +117,20 @@ def main() -> None:
         train.train(model, pairs, args.out, folder, cfg, v["<eos>"], v["<pad>"], progress=sys.stderr.isatty(), log=log)
     if args.ship:
         ship(args.out, REPO / "mlx_diffgemma/demo/model")
+
+
+def _mix(text: str) -> dict[str, float]:
+    """`task=share,...` as a dict (the shares are weights: they need not sum to 1)."""
+    out = {}
+    for item in text.split(","):
+        name, _, share = item.partition("=")
+        try:
+            out[name.strip()] = float(share)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not task=share") from None
+        if out[name.strip()] < 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a share cannot be negative")
+    return out
 
 
 def _questions(prompt) -> list[str]:

@@ -103,24 +103,13 @@ def child(args, backend: str, round_: int) -> None:
 
 
 def mlx_step(model, cfg):
-    """train.train's step: value_and_grad, clip, AdamW update, evaluated."""
-    import mlx.core as mx
-    import mlx.nn as nn
+    """train.train's step (train.make_step), with a constant learning rate."""
     import mlx.optimizers as optim
 
     from mlx_diffgemma import train
 
     train.prepare(model, cfg)
-    optimizer = optim.AdamW(learning_rate=1e-3, weight_decay=0.0)
-    loss_and_grad = nn.value_and_grad(model, lambda b: train.loss(model, b))
-
-    def step(batch):
-        (value, _), grads = loss_and_grad(batch)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, value)
-
-    return step
+    return train.make_step(model, optim.AdamW(learning_rate=1e-3, weight_decay=0.0), cfg)
 
 
 def torch_step(model, cfg):

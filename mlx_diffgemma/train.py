@@ -372,6 +372,25 @@ def resume_state(
     return state
 
 
+def make_step(model, optimizer, cfg: TrainConfig):
+    """One optimizer step of `train`, as a function of a batch: the loss and its gradients, clipping, the update,
+    all evaluated; returns (loss, its parts). benchmarks/train_speed.py times this same function."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    loss_and_grad = nn.value_and_grad(model, lambda batch: loss(model, batch, cfg.encoder_weight, cfg.reweight))
+
+    def step(batch: Batch) -> tuple[mx.array, dict[str, mx.array]]:
+        (value, parts), grads = loss_and_grad(batch)
+        if cfg.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, value)
+        return value, parts
+
+    return step
+
+
 def train(
     model: Model,
     examples: list[tuple[list[int], list[int]]],
@@ -391,7 +410,6 @@ def train(
     folder whose tokenizer and configs are copied into checkpoints. `stop_after` ends the run early (tests).
     `out_dir` must be missing, empty or a checkpoint (see `check_out`); `force` replaces whatever it holds and
     starts over."""
-    import mlx.nn as nn
     import mlx.optimizers as optim
 
     from .files import recover
@@ -424,20 +442,13 @@ def train(
         losses = state.get("losses", [])
         log(f"resuming from step {start}")
 
-    def step_loss(batch):
-        return loss(model, batch, cfg.encoder_weight, cfg.reweight)
-
-    loss_and_grad = nn.value_and_grad(model, step_loss)
+    step_fn = make_step(model, optimizer, cfg)
     bar = _Bar(cfg.steps, start) if progress else None
     batches = length_batches(examples, cfg.batch_size, cfg.seed)
     tic, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         batch = next_batch(examples, batches, rng, cfg, model.canvas_length, model.args.vocab_size, eos_id, pad_id)
-        (value, parts), grads = loss_and_grad(batch)
-        if cfg.grad_clip:
-            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, value)
+        value, parts = step_fn(batch)
         if not math.isfinite(float(value)):  # never checkpoint NaN weights over good ones
             raise ValueError(
                 f"the loss is {float(value)} at step {step + 1}; stopped without writing it (the last checkpoint in "
