@@ -37,6 +37,8 @@ VARIANTS = {
         "accept_confidence": 0.9,
     },
     "freeze_after=1, refresh_every=4": {"freeze_after": 1, "refresh_every": 4},
+    "fast, refresh_frozen=False": {"mode": "fast", "refresh_frozen": False},
+    "turbo, refresh_frozen=False": {"mode": "turbo", "refresh_frozen": False},
     "accept=confidence 0.7": {"accept": "confidence", "accept_confidence": 0.7},
     "max_denoising_steps=4": {"max_denoising_steps": 4},
     "eos_exit": {"eos_exit": True},

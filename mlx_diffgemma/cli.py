@@ -37,6 +37,7 @@ FLAGS = {
     "accept": "--accept",
     "accept_confidence": "--accept-confidence",
     "eos_exit": "--eos-exit",
+    "refresh_frozen": "--refresh-frozen",
 }
 TRAIN_FLAGS = {
     "steps": "--steps",
@@ -128,6 +129,14 @@ Accept = Annotated[
 ]
 AcceptConfidence = Annotated[
     Optional[float], typer.Option("--accept-confidence", help="Speed knob: top probability to accept (confidence).")
+]
+RefreshFrozen = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--refresh-frozen/--no-refresh-frozen",
+        help="Speed knob: forward a position once more when it froze on a token other than the one its K/V were "
+        "computed from (default); --no-refresh-frozen reuses those stale K/V (Fast-dLLM's cache).",
+    ),
 ]
 EosExit = Annotated[
     Optional[bool], typer.Option("--eos-exit/--no-eos-exit", help="Speed knob: end a block once it is all EOS.")
@@ -258,6 +267,7 @@ def generate(
     accept: Accept = None,
     accept_confidence: AcceptConfidence = None,
     eos_exit: EosExit = None,
+    refresh_frozen: RefreshFrozen = None,
     seed: Seed = None,
     system: System = None,
     think: Think = False,
@@ -277,7 +287,7 @@ def generate(
     overrides = _settings(
         steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k, mode=mode, freeze_after=freeze_after,
         freeze_confidence=freeze_confidence, refresh_every=refresh_every, accept=accept,
-        accept_confidence=accept_confidence, eos_exit=eos_exit,
+        accept_confidence=accept_confidence, eos_exit=eos_exit, refresh_frozen=refresh_frozen,
     )  # fmt: skip
     _check_flags(overrides, max_tokens, seed)
     if batch_size is not None and batch_size < 1:

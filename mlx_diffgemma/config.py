@@ -275,6 +275,9 @@ class GenerationConfig:
     freeze_after: int | None = None  # freeze a position once accepted with the same argmax this many steps
     refresh_every: int | None = None  # with freezing: a full forward (fresh K/V for all) every this many steps
     freeze_confidence: float | None = None  # with freezing: only positions at least this sure of their token
+    # with freezing: forward a position once more when it froze on another token than the one its recorded K/V
+    # were computed from (False: later steps attend to those stale K/V until a refresh, as Fast-dLLM's cache does)
+    refresh_frozen: bool = True
     accept: str = "entropy"  # "entropy": the entropy bound; "confidence": top probability >= accept_confidence
     accept_confidence: float = 0.9
     eos_exit: bool = False  # end a block at once when its argmax canvas is all end-of-sequence tokens
@@ -351,6 +354,8 @@ class GenerationConfig:
                 raise ConfigError(f"{n('freeze_confidence')} must be at most 1, got {self.freeze_confidence!r}")
         if self.accept_confidence > 1:
             raise ConfigError(f"{n('accept_confidence')} must be at most 1, got {self.accept_confidence!r}")
+        if not isinstance(self.refresh_frozen, bool):
+            raise ConfigError(f"{n('refresh_frozen')} must be true or false, got {self.refresh_frozen!r}")
         if not isinstance(self.eos_exit, bool):
             raise ConfigError(f"{n('eos_exit')} must be true or false, got {self.eos_exit!r}")
         if self.t_max <= self.t_min:

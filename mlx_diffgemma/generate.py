@@ -351,7 +351,7 @@ def _fast_block(
             if g.freeze_confidence is not None:
                 newly &= top >= g.freeze_confidence
             frozen[pos[newly]] = True
-            stale[pos[newly]] = read[newly] != am[newly]
+            stale[pos[newly]] = (read[newly] != am[newly]) & g.refresh_frozen
             tokens[pos[newly]] = am[newly]
         settled = frozen.copy()
         settled[pos[acc]] = True

@@ -323,6 +323,7 @@ KNOBS = {
     "accept": "accept",
     "accept_confidence": "accept_confidence",
     "eos_exit": "eos_exit",
+    "refresh_frozen": "refresh_frozen",
 }
 EXTENSIONS = {"ignore_eos"}  # vLLM's: generate to max_tokens whatever the model says
 # OpenAI fields this server accepts and has no use for (as OpenAI-compatible servers do); anything else unknown is

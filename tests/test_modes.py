@@ -110,14 +110,16 @@ def test_confidence_acceptance_takes_every_position_that_sure(demo, monkeypatch)
     assert settled(accept="confidence", accept_confidence=0.99).sum() == 1  # none that sure: the surest alone
     assert settled().sum() == 1
 
-    def forwarded(sure_enough: float, steps: int) -> list[int]:  # positions each step forwards
+    def forwarded(sure_enough: float, steps: int, **kw) -> list[int]:  # positions each step forwards
         g = settings(model, max_denoising_steps=steps, accept="confidence", accept_confidence=0.9, freeze_after=0,
-                     freeze_confidence=sure_enough, stability_threshold=5, confidence_threshold=1e-30)  # fmt: skip
+                     freeze_confidence=sure_enough, stability_threshold=5, confidence_threshold=1e-30, **kw)  # fmt: skip
         return [e.queries for e in generate_step(model, ids, g, 16, key=mx.random.key(0)) if isinstance(e, Step)]
 
     # only positions that sure freeze (0.95 at the first step's temperature); those frozen on another token than
     # they were read with are forwarded once more (their K/V then hold their token), then no more
     assert forwarded(0.99, 2) == [C, C] and forwarded(0.9, 3) == [C, C, C - C // 2]
+    # without that refresh, later steps attend to the K/V they were read with and forward the rest alone
+    assert forwarded(0.9, 3, refresh_frozen=False) == [C, C - C // 2, C - C // 2]
 
 
 def test_eos_exit_ends_a_block_that_is_all_eos(demo, monkeypatch):
@@ -152,6 +154,7 @@ def test_modes_resolve_and_bad_knobs_are_one_line_errors(demo):
         ({"accept": "vote"}, "accept"),
         ({"accept_confidence": 1.5}, "accept_confidence"),
         ({"freeze_confidence": 1.5}, "freeze_confidence"),
+        ({"refresh_frozen": "no"}, "refresh_frozen"),
     ):
         with pytest.raises(ConfigError, match=match):
             settings(model, **bad)
