@@ -112,7 +112,8 @@ def test_confidence_acceptance_takes_every_position_that_sure(demo, monkeypatch)
 
     def forwarded(sure_enough: float, steps: int, **kw) -> list[int]:  # positions each step forwards
         g = settings(model, max_denoising_steps=steps, accept="confidence", accept_confidence=0.9, freeze_after=0,
-                     freeze_confidence=sure_enough, stability_threshold=5, confidence_threshold=1e-30, **kw)  # fmt: skip
+                     freeze_confidence=sure_enough, stability_threshold=5, confidence_threshold=1e-30,
+                     **kw)  # fmt: skip
         return [e.queries for e in generate_step(model, ids, g, 16, key=mx.random.key(0)) if isinstance(e, Step)]
 
     # only positions that sure freeze (0.95 at the first step's temperature); those frozen on another token than
