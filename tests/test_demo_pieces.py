@@ -91,7 +91,7 @@ def test_version_2_tasks_are_correct_and_chat_shaped():
         4,
         16,
     )
-    assert sizes["add"] == {4} and (min(sizes["brackets"]), max(sizes["brackets"])) == (4, 12)
+    assert sizes["add"] == {3} and (min(sizes["brackets"]), max(sizes["brackets"])) == (4, 12)
     assert max(sizes["code"]) > 64  # some answers run past one canvas
     assert 700 < chat["system"] < 1100 and 700 < chat["history"] < 1100
     with pytest.raises(ValueError, match="versions 1 and 2"):
@@ -107,8 +107,8 @@ def right_answer(q: str) -> str:
         return rest[::-1]
     if kind == "Add":
         a, b = rest.split(" + ")
-        assert len(a) == len(b) == 3
-        return f"{int(a) + int(b):04d}"
+        assert len(a) == len(b) == 2
+        return f"{int(a) + int(b):03d}"
     if kind == "Close":
         return "".join(dict(zip("([{<", ")]}>"))[c] for c in reversed(rest))
     head, _, said = q.partition(" that ")  # the function the prompt describes, line by line
