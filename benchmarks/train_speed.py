@@ -113,24 +113,14 @@ def mlx_step(model, cfg):
 
 
 def torch_step(model, cfg):
-    """torch_train's step: reference.batch_loss, backward, clip, AdamW."""
+    """torch_train's step (torch_train.make_step), with a constant learning rate."""
     import torch
 
     from mlx_diffgemma import torch_train
-    from mlx_diffgemma.reference import batch_loss
 
     tm = torch_train.to_torch(model).train()
     params = torch_train.trainable(tm, cfg)
-    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-
-    def step(batch):
-        value, _ = batch_loss(tm, batch)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-
-    return step
+    return torch_train.make_step(tm, params, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), cfg)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,25 @@ def trainable(tm: DiffusionGemmaForBlockDiffusion, cfg: T.TrainConfig) -> list:
     return params
 
 
+def make_step(tm: DiffusionGemmaForBlockDiffusion, params: list, optimizer, cfg: T.TrainConfig):
+    """One optimizer step of `train`, as a function of a batch: the loss (reference.batch_loss) and, when it is
+    finite, backward, clipping and the update; returns (loss, its parts). A non-finite loss leaves the weights as
+    they were (the caller stops). benchmarks/train_speed.py times this same function."""
+
+    def step(batch):
+        value, parts = batch_loss(tm, batch, cfg.encoder_weight, cfg.reweight)
+        if not math.isfinite(value.item()):
+            return value, parts
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        return value, parts
+
+    return step
+
+
 def learning_rate(cfg: T.TrainConfig, step: int) -> float:
     """The rate of update `step` (from 0): train.train's schedule, a linear warm-up from lr/warmup to lr, then a
     cosine decay to 10% at the last step."""
@@ -128,23 +147,19 @@ def train(
         start, losses = state["step"], state.get("losses", [])
         log(f"resuming from step {start}")
 
+    step_fn = make_step(tm, params, optimizer, cfg)
     batches = T.length_batches(examples, cfg.batch_size, cfg.seed)
     tic, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         batch = T.next_batch(examples, batches, rng, cfg, model.canvas_length, model.args.vocab_size, eos_id, pad_id)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        value, parts = batch_loss(tm, batch, cfg.encoder_weight, cfg.reweight)
-        if not math.isfinite(value.item()):  # never step (or checkpoint) on a NaN
+        value, parts = step_fn(batch)
+        if not math.isfinite(value.item()):  # not stepped: never checkpoint on a NaN
             raise ValueError(
                 f"the loss is {value.item()} at step {step + 1}; stopped without writing it (the last checkpoint in "
                 f"{out_dir} is kept); try a lower --lr"
             )
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
         tokens += int(batch.lengths.sum())
         losses.append([step + 1, value.item(), parts["canvas"].item(), parts["encoder"].item()])
         if (step + 1) % max(cfg.checkpoint_every // 4, 1) == 0 or step + 1 == cfg.steps:
