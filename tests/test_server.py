@@ -199,13 +199,16 @@ def test_a_client_that_leaves_frees_its_slot(demo_server):
         "stream": True,
         "max_tokens": 256,
         "ignore_eos": True,
-    }  # fmt: skip  (16 blocks)
+        "steps": 256,
+        "stability": 256,
+    }  # fmt: skip  (16 blocks of 256 forwards each, never stable sooner: it cannot end before the hang-up)
     host, port = demo_server.base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
     r = conn.getresponse()
-    while b'"content"' not in r.readline():  # the first chunk with text, then hang up
-        pass
+    assert r.status == 200, r.read()
+    while b'"content"' not in (line := r.readline()):  # the first chunk with text, then hang up
+        assert line, "the stream ended before any text"
     assert demo_server.health()["running"] == 1
     conn.sock.close()
     conn.close()
