@@ -207,8 +207,11 @@ def test_a_client_that_leaves_frees_its_slot(demo_server):
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200, r.read()
-    while b'"content"' not in (line := r.readline()):  # the first chunk with text, then hang up
+    while True:  # the first chunk with text (not the opening one, whose content is ""), then hang up
+        line = r.readline()
         assert line, "the stream ended before any text"
+        if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            break
     assert demo_server.health()["running"] == 1
     conn.sock.close()
     conn.close()
