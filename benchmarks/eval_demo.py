@@ -19,7 +19,7 @@ def tokenize(tok, pairs):
     return [encode_example(tok, p, a, end) for p, a in pairs]
 
 
-def evaluate(model, tok, n: int, version: int = 1, **settings) -> dict:
+def evaluate(model, tok, n: int, **settings) -> dict:
     """Generate an answer to each of the first n held-out prompts (seed i for the i-th) and score it exactly."""
     from mlx_diffgemma import stream_generate
     from mlx_diffgemma.demo import HELD_OUT_SEED, examples, task_of
@@ -27,7 +27,7 @@ def evaluate(model, tok, n: int, version: int = 1, **settings) -> dict:
 
     right, total = defaultdict(int), defaultdict(int)
     steps = blocks = generated = 0
-    for i, (prompt, answer) in enumerate(examples(n, HELD_OUT_SEED, version=version)):
+    for i, (prompt, answer) in enumerate(examples(n, HELD_OUT_SEED)):
         task = task_of(prompt)
         for e in stream_generate(model, tok, prompt, seed=i, **settings):
             if isinstance(e, Block):
@@ -53,12 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "mlx_diffgemma/demo/model")
     ap.add_argument("--n", type=int, default=HELD_OUT)
-    ap.add_argument("--version", type=int, choices=(1, 2), default=1, help="which demo tasks (mlx_diffgemma.demo)")
     args = ap.parse_args()
     if not 0 < args.n <= HELD_OUT:
         ap.error(f"--n must be 1..{HELD_OUT}: only the first {HELD_OUT} held-out examples are kept out of training")
     model, tok = load(args.model)
-    r = evaluate(model, tok, args.n, args.version)
+    r = evaluate(model, tok, args.n)
     print("| task | exact | n |\n|---|---|---|")
     for t, (right, total) in r["tasks"].items():
         print(f"| {t} | {100 * right / total:.1f}% | {total} |")

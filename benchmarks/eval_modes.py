@@ -3,7 +3,7 @@ accuracy, steps per block, tokens per forward, decoder FLOPs per generated token
 positions each step forwards) and tokens/s on this machine, the modes run side by side prompt by prompt. Prints
 a markdown table and writes a speed-versus-accuracy plot (PNG; needs matplotlib).
 
-    python benchmarks/eval_modes.py [--model demo] [--version 2] [--n 500] [--plot benchmarks/modes.png]
+    python benchmarks/eval_modes.py [--model demo] [--n 500] [--plot benchmarks/modes.png]
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--version", type=int, choices=(1, 2), default=1, help="which demo tasks (mlx_diffgemma.demo)")
     ap.add_argument("--n", type=int, default=HELD_OUT)
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), help="a subset of the variants (exact is added)")
     ap.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "modes.png")
@@ -94,14 +93,14 @@ def main() -> None:
         ap.error(f"--n must be 1..{HELD_OUT}")
     names = ["exact", *[v for v in args.only or VARIANTS if v != "exact"]]
     model, tok = load(args.model)
-    items = [Item(p, a) for p, a in examples(args.n, HELD_OUT_SEED, version=args.version)]
+    items = [Item(p, a) for p, a in examples(args.n, HELD_OUT_SEED)]
     results = evaluate(
         model, tok, items, {v: VARIANTS[v] for v in names},
         progress=lambda i, n: print(f"{i}/{n}", file=sys.stderr, flush=True) if i % 50 == 0 else None,
     )  # fmt: skip
     blas = "OpenBLAS" if "openblas" in " ".join(open("/proc/self/maps").read().split()).lower() else "MLX's bundled"
     where = f"{platform.machine()}, MLX {mx.__version__} on {mx.default_device()}, BLAS: {blas}"
-    print(f"{args.model} (canvas {model.canvas_length}), {args.n} held-out (version {args.version}); {where}\n")
+    print(f"{args.model} (canvas {model.canvas_length}), {args.n} held-out; {where}\n")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps([r.row() for r in results.values()], indent=2))

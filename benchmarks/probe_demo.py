@@ -2,7 +2,7 @@
 generation takes minutes): the encoder's teacher-forced next-token accuracy over the answer, and the decoder's
 argmax accuracy on the first answer block at fixed noise levels (t = 1 is where generation starts).
 
-    python benchmarks/probe_demo.py .cache/demo-run/model [--n 48] [--version 2] [--positions 4]
+    python benchmarks/probe_demo.py .cache/demo-run/model [--n 48] [--positions 4]
 
 `--positions K` adds, per task, the decoder's accuracy at each of the first K answer positions at t = 1 (for
 addition: which digits of the sum the model has, the ones digit last).
@@ -24,22 +24,21 @@ NOISE = (1.0, 0.5, 0.1)
 
 def main() -> None:
     from mlx_diffgemma import load, train
-    from mlx_diffgemma.demo import HELD_OUT, HELD_OUT_SEED, TASKS, TASKS_V2, examples, task_of, vocabulary
+    from mlx_diffgemma.demo import HELD_OUT, HELD_OUT_SEED, TASKS, examples, task_of, vocabulary
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", type=Path)
     ap.add_argument("--n", type=int, default=48, help="held-out examples per task")
-    ap.add_argument("--version", type=int, choices=(1, 2), default=1, help="which demo tasks (mlx_diffgemma.demo)")
     ap.add_argument("--positions", type=int, default=0, help="also: accuracy at each of the first K answer positions")
     args = ap.parse_args()
     model, tok = load(args.model)
     v = vocabulary()
-    held_out = examples(HELD_OUT, HELD_OUT_SEED, version=args.version)
+    held_out = examples(HELD_OUT, HELD_OUT_SEED)
     noise = " | ".join(f"decoder at t = {t}: positions, blocks" for t in NOISE)
     print(f"| task | encoder, teacher-forced | {noise} |")
     print("|---|---|" + "---|" * len(NOISE))
     per_position = {}
-    for name in sorted(TASKS if args.version == 1 else TASKS_V2):
+    for name in sorted(TASKS):
         pairs = tokenize(tok, [e for e in held_out if task_of(e[0]) == name][: args.n])
         rng = np.random.default_rng(0)
         batch = train.make_batch(pairs, model.canvas_length, model.args.vocab_size, v["<eos>"], v["<pad>"], rng)

@@ -3,7 +3,7 @@ MLX (`train.train`'s step: value_and_grad, clip, AdamW update) and PyTorch (`tor
 backward, clip, AdamW). Each runs in a process of its own, PyTorch's without LD_PRELOAD (a preloaded OpenBLAS takes
 over torch's matrix products and slows them several times). Seconds per step, tokens per second, and the ratio.
 
-    python benchmarks/train_speed.py [--version 2] [--batch-size 32] [--steps 3] [--rounds 2]
+    python benchmarks/train_speed.py [--batch-size 32] [--steps 3] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ os.environ.setdefault("MLX_DIFFGEMMA_EXPERTS", "gather")  # as train_demo.py tra
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--version", type=int, choices=(1, 2), default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per backend per round (after one untimed)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -39,7 +38,7 @@ def main() -> None:
 
     print(f"# {time.strftime('%Y-%m-%d')} · {platform.machine()} · {os.cpu_count()} CPUs · {versions()}")
     print(
-        f"demo v{args.version}, batch {args.batch_size}, {args.steps} timed steps per backend per round; each "
+        f"demo, batch {args.batch_size}, {args.steps} timed steps per backend per round; each "
         "backend in a fresh process per round, torch's without LD_PRELOAD (its own BLAS)"
     )
     if openblas_core() is None:
@@ -48,7 +47,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name in ("mlx", "torch") if r % 2 == 0 else ("torch", "mlx"):
             env = None if name == "mlx" else _clean_env()
-            cmd = [sys.executable, __file__, "--version", str(args.version), "--batch-size", str(args.batch_size)]
+            cmd = [sys.executable, __file__, "--batch-size", str(args.batch_size)]
             cmd += ["--steps", str(args.steps), "--child", name, str(r)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             seconds, tokens = json.loads(out.splitlines()[-1])
@@ -70,7 +69,7 @@ def child(args, backend: str, round_: int) -> None:
     import numpy as np
     from eval_demo import tokenize
     from mlx_lm.tokenizer_utils import load as load_tokenizer
-    from train_demo import TRAIN_MIX, TRAIN_MIX_V2
+    from train_demo import TRAIN_MIX
 
     from mlx_diffgemma import demo, train
     from mlx_diffgemma.config import ModelConfig
@@ -79,17 +78,15 @@ def child(args, backend: str, round_: int) -> None:
     folder = REPO / ".cache/train-speed"
     demo.build_tokenizer(folder)
     tok = load_tokenizer(folder)
-    canvas = 16 if args.version == 1 else 64
-    mix = TRAIN_MIX if args.version == 1 else TRAIN_MIX_V2
-    pairs = tokenize(tok, demo.examples(4000, 1, mix, version=args.version))
-    model = Model(ModelConfig.from_dict(demo.demo_config(canvas=canvas)))
+    pairs = tokenize(tok, demo.examples(4000, 1, TRAIN_MIX))
+    model = Model(ModelConfig.from_dict(demo.demo_config()))
     train.init_weights(model, seed=0)
     cfg = train.TrainConfig(batch_size=args.batch_size, learning_rate=1e-3, train_router=True)
     rng = np.random.default_rng(0)
     batches = train.length_batches(pairs, cfg.batch_size, 0)
     v = demo.vocabulary()
     drawn = [
-        train.next_batch(pairs, batches, rng, cfg, canvas, model.args.vocab_size, v["<eos>"], v["<pad>"])
+        train.next_batch(pairs, batches, rng, cfg, model.canvas_length, model.args.vocab_size, v["<eos>"], v["<pad>"])
         for _ in range(1 + (round_ + 1) * args.steps)
     ]
     chosen = drawn[1 + round_ * args.steps :]

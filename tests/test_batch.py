@@ -79,18 +79,18 @@ def test_rows_join_and_leave_at_block_boundaries(demo):
     g = settings(model)
     pairs = sorted(examples(40, HELD_OUT_SEED), key=lambda pa: -len(pa[1]))[:8]  # longest answers: several blocks
     ids = [render_prompt(tok, p) for p, _ in pairs]
-    want = {i: alone(model, ids[i], g, 48, seed=i) for i in range(8)}
+    want = {i: alone(model, ids[i], g, 160, seed=i) for i in range(8)}
     assert max(len(w) for w in want.values()) > 1
     batch, got, nxt, widths = Batch(model), {}, 2, []
-    batch.add(Request(ids[0], g, 48, mx.random.key(0), tag=0))
-    batch.add(Request(ids[1], g, 48, mx.random.key(1), tag=1))
+    batch.add(Request(ids[0], g, 160, mx.random.key(0), tag=0))
+    batch.add(Request(ids[1], g, 160, mx.random.key(1), tag=1))
     while len(batch):
         for tag, e in batch.run_block():
             if isinstance(e, Commit):
                 got.setdefault(tag, []).append((e.tokens, e.steps, e.finish_reason))
             widths.append(len(batch.rows))
         if nxt < 8:  # one new request after every block
-            batch.add(Request(ids[nxt], g, 48, mx.random.key(nxt), tag=nxt))
+            batch.add(Request(ids[nxt], g, 160, mx.random.key(nxt), tag=nxt))
             nxt += 1
     assert got == want and max(widths) >= 2
     assert batch.cache is None and batch.rows == []  # everything left
@@ -101,13 +101,13 @@ def test_a_cancelled_row_leaves_at_the_next_boundary(demo):
     g = settings(model)
     pairs = sorted(examples(40, HELD_OUT_SEED), key=lambda pa: -len(pa[1]))[:2]
     ids = [render_prompt(tok, p) for p, _ in pairs]
-    want = alone(model, ids[1], g, 64, seed=1)
+    want = alone(model, ids[1], g, 160, seed=1)
     batch = Batch(model)
-    batch.add(Request(ids[0], g, 64, mx.random.key(0), tag="a"))
-    batch.add(Request(ids[0], g, 64, mx.random.key(5), tag="gone"))
+    batch.add(Request(ids[0], g, 160, mx.random.key(0), tag="a"))
+    batch.add(Request(ids[0], g, 160, mx.random.key(5), tag="gone"))
     batch.cancel("gone")
     assert len(batch) == 1  # still waiting: dropped at once
-    batch.add(Request(ids[1], g, 64, mx.random.key(1), tag="b"))
+    batch.add(Request(ids[1], g, 160, mx.random.key(1), tag="b"))
     got = []
     for i in range(10):
         for tag, e in batch.run_block():

@@ -1,6 +1,5 @@
 """The demo model's tokenizer and tasks (the model itself is trained by benchmarks/train_demo.py)."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -8,33 +7,6 @@ import pytest
 import mlx_diffgemma
 from mlx_diffgemma.demo import TASKS, build_tokenizer, demo_config, examples, task_of, vocabulary
 from mlx_diffgemma.loading import LoadError, resolve_path
-
-
-def test_tasks_are_reproducible_and_correct():
-    assert examples(50, 3) == examples(50, 3) and examples(50, 3) != examples(50, 4)
-    seen = set()
-    for prompt, answer in examples(2000, 0):
-        kind, _, rest = prompt.partition(": ")
-        seen.add(task_of(prompt))
-        if kind == "Sort":
-            assert answer.split() == [str(x) for x in sorted(map(int, rest.split()))]
-        elif kind == "Reverse":
-            assert answer == rest[::-1]
-        elif kind == "Add":
-            a, b = rest.split(" + ")
-            assert len(a) == len(b) == 2 and answer == f"{int(a) + int(b):03d}"
-        elif kind == "Close":
-            pairs = dict(zip("([{<", ")]}>"))
-            assert 3 <= len(rest) <= 8 and answer == "".join(pairs[c] for c in reversed(rest))
-        else:
-            name, a, b, op = re.fullmatch(
-                r"Write a Python function (\w+)\((\w), (\w)\) that returns \w (.) \w\.", prompt
-            ).groups()
-            assert answer == f"def {name}({a}, {b}):\n    return {a} {op} {b}"
-    assert seen == set(TASKS)
-    assert {len(a) for p, a in examples(2000, 0) if p.startswith("Add")} == {3}
-    mix = [task_of(p) for p, _ in examples(2000, 0, {"code": 0.1, "sort": 0.9})]
-    assert set(mix) == {"code", "sort"} and 100 < mix.count("code") < 300
 
 
 def test_tokenizer_and_config(tmp_path):
@@ -53,7 +25,9 @@ def test_tokenizer_and_config(tmp_path):
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte fallback beyond ASCII
     cfg = ModelConfig.from_dict(demo_config()).text_config
     assert [s.is_sliding for s in cfg.layers] == [True] * 5 + [False] and cfg.num_experts == 8
-    assert max(max(tok.encode(p + a, add_special_tokens=False)) for p, a in examples(200, 1)) < cfg.vocab_size
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p, tokenize=True)
+           + tok.encode(a, add_special_tokens=False) for p, a in examples(200, 1)]  # fmt: skip
+    assert max(max(x) for x in ids) < cfg.vocab_size
 
 
 def test_demo_name_resolves_to_the_package_folder():
@@ -62,11 +36,11 @@ def test_demo_name_resolves_to_the_package_folder():
         resolve_path("/definitely/not/here")
 
 
-def test_version_2_tasks_are_correct_and_chat_shaped():
+def test_tasks_are_reproducible_correct_and_chat_shaped():
     from mlx_diffgemma.demo import SYSTEMS, question
 
-    ex = examples(3000, 5, version=2)
-    assert ex == examples(3000, 5, version=2) and ex[:50] != examples(50, 5)
+    ex = examples(3000, 5)
+    assert ex == examples(3000, 5) and ex[:50] != examples(50, 6)
     seen, chat, sizes = set(), {"system": 0, "history": 0}, {}
     for prompt, answer in ex:
         q = question(prompt)
@@ -94,12 +68,12 @@ def test_version_2_tasks_are_correct_and_chat_shaped():
     assert sizes["add"] == {3} and (min(sizes["brackets"]), max(sizes["brackets"])) == (4, 12)
     assert max(sizes["code"]) > 64  # some answers run past one canvas
     assert 700 < chat["system"] < 1100 and 700 < chat["history"] < 1100
-    with pytest.raises(ValueError, match="versions 1 and 2"):
-        examples(1, 0, version=3)
+    mix = [task_of(p) for p, _ in examples(2000, 0, {"code": 0.1, "sort": 0.9})]
+    assert set(mix) == {"code", "sort"} and 100 < mix.count("code") < 300
 
 
 def right_answer(q: str) -> str:
-    """The answer to a version-2 question, worked out from the question alone."""
+    """The answer to a question, worked out from the question alone."""
     kind, _, rest = q.partition(": ")
     if kind == "Sort":
         return " ".join(sorted(rest.split(), key=int))

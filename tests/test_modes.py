@@ -71,7 +71,7 @@ def test_the_speed_mode_loop_with_neutral_knobs_gives_exact_modes_tokens(demo, m
 def test_knobs_do_what_they_say(demo):
     model, tok = demo
     C = model.canvas_length
-    ids = mx.array([render_prompt(tok, "Reverse: abcdefgh")])
+    ids = mx.array([render_prompt(tok, "Reverse: qwertyuiopasdfgh")])
 
     def steps(**kw):
         return [
@@ -166,7 +166,7 @@ def test_a_batch_row_in_a_speed_mode_gives_what_it_gives_alone(demo):
     from mlx_diffgemma.demo import HELD_OUT_SEED, examples
 
     model, tok = demo
-    prompts = [render_prompt(tok, p) for p, _ in [("Reverse: abcdefgh", ""), *examples(3, HELD_OUT_SEED + 7)]]
+    prompts = [render_prompt(tok, p) for p, _ in [("Reverse: qwertyuiopasdfgh", ""), *examples(3, HELD_OUT_SEED + 7)]]
     plans = [
         settings(model, freeze_after=0, t_max=1.5, t_min=1.0),  # hotter: fewer accepted per step, partial steps
         settings(model),

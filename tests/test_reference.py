@@ -59,7 +59,7 @@ def test_shared_noise_is_the_same_in_numpy_and_mlx():
 
 def test_generation_takes_its_noise_from_the_hook():
     model = load_model(DEMO)
-    g = settings(model)
+    g = settings(model, t_min=1.0, t_max=1.5)  # hotter: the demo answers these ids with EOS at its own settings
     prompt = mx.array([[2, 10, 11, 12, 13]])
 
     def run(seed):

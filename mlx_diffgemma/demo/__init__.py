@@ -85,7 +85,7 @@ def build_tokenizer(out: Path) -> Path:
     return out
 
 
-def demo_config(hidden: int = 96, layers: int = 6, experts: int = 8, canvas: int = 16) -> dict:
+def demo_config(hidden: int = 96, layers: int = 6, experts: int = 8, canvas: int = 64) -> dict:
     """config.json for the demo model: 5 sliding : 1 full layers, K = V full layers with their own head dim, a
     dense MLP beside an MoE, tied embeddings, the 30.0 softcap: the real architecture, scaled down."""
     vocab = vocabulary()
@@ -131,7 +131,7 @@ def demo_config(hidden: int = 96, layers: int = 6, experts: int = 8, canvas: int
     }
 
 
-def generation_config(steps: int = 16) -> dict:
+def generation_config(steps: int = 32) -> dict:
     vocab = vocabulary()
     return {
         "max_denoising_steps": steps,
@@ -150,60 +150,21 @@ def generation_config(steps: int = 16) -> dict:
 # ---- tasks --------------------------------------------------------------------------------------------------
 
 
-def _sort(r: random.Random) -> tuple[str, str]:
-    xs = [r.randint(0, 9) for _ in range(r.randint(2, 6))]
-    return "Sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
-
-
-def _reverse(r: random.Random) -> tuple[str, str]:
-    s = "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(3, 8)))
-    return "Reverse: " + s, s[::-1]
-
-
-def _add(r: random.Random) -> tuple[str, str]:
-    # Fixed width (two-digit operands, three-digit sum) so each digit keeps its column: every answer position
-    # then has one job (hundreds, tens, ones) at a fixed distance from the digits it depends on.
-    a, b = r.randint(0, 99), r.randint(0, 99)
-    return f"Add: {a:02d} + {b:02d}", f"{a + b:03d}"
-
-
 BRACKETS = {"(": ")", "[": "]", "{": "}", "<": ">"}
-
-
-def _brackets(r: random.Random) -> tuple[str, str]:
-    """Close a run of 3-8 open brackets of four kinds: each closer matches its opener, innermost first."""
-    s = "".join(r.choice(list(BRACKETS)) for _ in range(r.randint(3, 8)))
-    return "Close: " + s, "".join(BRACKETS[c] for c in reversed(s))
-
-
-def _code(r: random.Random) -> tuple[str, str]:
-    name = r.choice(["area", "total", "scale", "offset", "mix", "span", "gain", "step"])
-    a, b = r.choice("xyzabc"), r.choice("uvwpqr")
-    op = r.choice(["+", "-", "*"])
-    return (
-        f"Write a Python function {name}({a}, {b}) that returns {a} {op} {b}.",
-        f"def {name}({a}, {b}):\n    return {a} {op} {b}",
-    )
-
-
-TASKS = {"sort": _sort, "reverse": _reverse, "add": _add, "brackets": _brackets, "code": _code}
 PREFIXES = {"sort": "Sort: ", "reverse": "Reverse: ", "add": "Add: ", "brackets": "Close: ", "code": "Write a "}
 
 
-# ---- version 2: longer answers, a 64-token canvas, system prompts and earlier turns -------------------------
-
-
-def _sort2(r: random.Random) -> tuple[str, str]:
+def _sort(r: random.Random) -> tuple[str, str]:
     xs = [r.randint(0, 9) for _ in range(r.randint(3, 12))]
     return "Sort: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
 
 
-def _reverse2(r: random.Random) -> tuple[str, str]:
+def _reverse(r: random.Random) -> tuple[str, str]:
     s = "".join(r.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(r.randint(4, 16)))
     return "Reverse: " + s, s[::-1]
 
 
-def _add2(r: random.Random) -> tuple[str, str]:
+def _add(r: random.Random) -> tuple[str, str]:
     """Two-digit operands and a three-digit sum, at fixed width (each answer position keeps its column). Three-digit
     operands were tried first: about 5,500 training steps over five runs never learned their tens and ones digits
     (benchmarks/RESULTS.md), and this model is too small to wait for them."""
@@ -211,12 +172,12 @@ def _add2(r: random.Random) -> tuple[str, str]:
     return f"Add: {a:02d} + {b:02d}", f"{a + b:03d}"
 
 
-def _brackets2(r: random.Random) -> tuple[str, str]:
+def _brackets(r: random.Random) -> tuple[str, str]:
     s = "".join(r.choice(list(BRACKETS)) for _ in range(r.randint(4, 12)))
     return "Close: " + s, "".join(BRACKETS[c] for c in reversed(s))
 
 
-def _code2(r: random.Random) -> tuple[str, str]:
+def _code(r: random.Random) -> tuple[str, str]:
     """A function of two arguments in one to four lines: up to three named intermediate results, then a return,
     each `x op y` over the arguments and the names already set. The longest answers (up to about 80 characters)
     run past one 64-token canvas."""
@@ -240,8 +201,8 @@ def _code2(r: random.Random) -> tuple[str, str]:
     )
 
 
-TASKS_V2 = {"sort": _sort2, "reverse": _reverse2, "add": _add2, "brackets": _brackets2, "code": _code2}
-# System prompts the version-2 examples may open with: none changes the answer, so the model learns to answer
+TASKS = {"sort": _sort, "reverse": _reverse, "add": _add, "brackets": _brackets, "code": _code}
+# System prompts the examples may open with: none changes the answer, so the model learns to answer
 # the same under any of them (and, through variety, under a user's own `--system`).
 SYSTEMS = [
     "You are a helpful assistant.",
@@ -253,7 +214,7 @@ SYSTEMS = [
     "Reply in plain text.",
     "You are DiffusionGemma demo. Think carefully and answer.",
 ]
-CHAT_SHARE = {"system": 0.3, "history": 0.3}  # of version-2 examples: a system prompt; one or two earlier turns
+CHAT_SHARE = {"system": 0.3, "history": 0.3}  # of examples: a system prompt; one or two earlier turns
 
 
 def question(prompt: str | list[dict]) -> str:
@@ -269,32 +230,26 @@ def task_of(prompt: str | list[dict]) -> str:
     return next(name for name, prefix in PREFIXES.items() if q.startswith(prefix))
 
 
-def examples(
-    n: int, seed: int, weights: dict[str, float] | None = None, version: int = 1
-) -> list[tuple[str | list[dict], str]]:
+def examples(n: int, seed: int, weights: dict[str, float] | None = None) -> list[tuple[str | list[dict], str]]:
     """n (prompt, answer) pairs, the task chosen uniformly (or in proportion to `weights`); the same seed gives
-    the same examples. Version 2 draws its own tasks, and a share of its prompts are chat messages: a system
-    prompt first, or earlier turns (other questions with their right answers) before the question."""
-    if version not in (1, 2):
-        raise ValueError(f"the demo tasks have versions 1 and 2, not {version}")
+    the same examples. A share of the prompts are chat messages: a system prompt first, or earlier turns (other
+    questions with their right answers) before the question."""
     r = random.Random(seed)
-    tasks = TASKS if version == 1 else TASKS_V2
-    names = sorted(tasks)
+    names = sorted(TASKS)
     w = None if weights is None else [weights.get(name, 0.0) for name in names]
 
     def draw() -> tuple[str, str]:
-        return tasks[r.choice(names) if w is None else r.choices(names, w)[0]](r)
+        return TASKS[r.choice(names) if w is None else r.choices(names, w)[0]](r)
 
     out: list[tuple[str | list[dict], str]] = []
     for _ in range(n):
         prompt, answer = draw()
-        if version == 2:
-            system = r.random() < CHAT_SHARE["system"]
-            earlier = r.randint(1, 2) if r.random() < CHAT_SHARE["history"] else 0
-            if system or earlier:
-                messages = [{"role": "system", "content": r.choice(SYSTEMS)}] if system else []
-                for q, a in (draw() for _ in range(earlier)):
-                    messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-                prompt = messages + [{"role": "user", "content": prompt}]
+        system = r.random() < CHAT_SHARE["system"]
+        earlier = r.randint(1, 2) if r.random() < CHAT_SHARE["history"] else 0
+        if system or earlier:
+            messages = [{"role": "system", "content": r.choice(SYSTEMS)}] if system else []
+            for q, a in (draw() for _ in range(earlier)):
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            prompt = messages + [{"role": "user", "content": prompt}]
         out.append((prompt, answer))
     return out
