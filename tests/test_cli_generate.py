@@ -224,15 +224,30 @@ def test_live_view_in_a_terminal(model_dir, loaded):
 
 
 def test_ctrl_c_keeps_committed_text_and_exits_130(model_dir, loaded):
-    # Every block runs all 12 steps (never stable sooner), so the run cannot end between the frame that fires the
+    # Every block runs all its steps (never stable sooner), so the run cannot end between the frame that fires the
     # signal and the signal, however fast this machine is; it fires at the first frame of block 3 or later (under
     # load the live view's refresh can skip all of a block's frames).
-    slow = {"max_denoising_steps": 12, "stability_threshold": 12}
+    steps = 12
+    slow = {"max_denoising_steps": steps, "stability_threshold": steps}
     events = __import__("mlx_diffgemma").stream_generate(*loaded, PROMPT, max_tokens=256, seed=9, **slow)
     first = next(e for e in events if type(e).__name__ == "Block")
     # 200 columns: no block wraps. Where one does, pyte and rich may disagree on the width of a script (the random
     # model writes all of them), and rich's redraw then lands one line off on pyte's screen (seen once in CI).
-    args = ["generate", "--model", model_dir, "-p", PROMPT, "-m", 256, "--seed", 9, "--steps", 12, "--stability", 12]
+    args = [
+        "generate",
+        "--model",
+        model_dir,
+        "-p",
+        PROMPT,
+        "-m",
+        256,
+        "--seed",
+        9,
+        "--steps",
+        steps,
+        "--stability",
+        steps,
+    ]
     t = Terminal(args, cols=200)
     late = re.compile(r"block (\d+) · step")
     code = t.run(until=lambda f: any(int(n) >= 3 for n in late.findall(f)), then=lambda p: p.send_signal(signal.SIGINT))

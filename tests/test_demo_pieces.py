@@ -13,6 +13,7 @@ def test_tokenizer_and_config(tmp_path):
     from mlx_lm.tokenizer_utils import load
 
     from mlx_diffgemma.config import ModelConfig
+    from mlx_diffgemma.train import encode_example, end_of_turn
 
     tok = load(build_tokenizer(tmp_path))
     v = vocabulary()
@@ -25,9 +26,9 @@ def test_tokenizer_and_config(tmp_path):
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text  # byte fallback beyond ASCII
     cfg = ModelConfig.from_dict(demo_config()).text_config
     assert [s.is_sliding for s in cfg.layers] == [True] * 5 + [False] and cfg.num_experts == 8
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}] if isinstance(p, str) else p, tokenize=True)
-           + tok.encode(a, add_special_tokens=False) for p, a in examples(200, 1)]  # fmt: skip
-    assert max(max(x) for x in ids) < cfg.vocab_size
+    end = end_of_turn(tok, tok.eos_token_id)
+    pairs = [encode_example(tok, p, a, end) for p, a in examples(200, 1)]  # as training renders them
+    assert max(max(p + a) for p, a in pairs) < cfg.vocab_size
 
 
 def test_demo_name_resolves_to_the_package_folder():
