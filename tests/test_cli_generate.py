@@ -233,21 +233,8 @@ def test_ctrl_c_keeps_committed_text_and_exits_130(model_dir, loaded):
     first = next(e for e in events if type(e).__name__ == "Block")
     # 200 columns: no block wraps. Where one does, pyte and rich may disagree on the width of a script (the random
     # model writes all of them), and rich's redraw then lands one line off on pyte's screen (seen once in CI).
-    args = [
-        "generate",
-        "--model",
-        model_dir,
-        "-p",
-        PROMPT,
-        "-m",
-        256,
-        "--seed",
-        9,
-        "--steps",
-        steps,
-        "--stability",
-        steps,
-    ]
+    args = ["generate", "--model", model_dir, "-p", PROMPT, "-m", 256, "--seed", 9, "--steps", steps]
+    args += ["--stability", steps]
     t = Terminal(args, cols=200)
     late = re.compile(r"block (\d+) · step")
     code = t.run(until=lambda f: any(int(n) >= 3 for n in late.findall(f)), then=lambda p: p.send_signal(signal.SIGINT))
