@@ -38,15 +38,17 @@ def step_costs(
     act_bytes: int = 4,
     queries: int | None = None,
     sc_top_k: int | None = None,
+    attended: int | None = None,
 ) -> dict[str, Cost]:
     """Cost of one denoising step per component (batch 1). `weight_bits`: bits per weight as stored (32 for
     float32, 16 for bfloat16, about 4.5 for 4-bit affine with scales). `queries`: the canvas positions the step
-    forwards (a speed mode's partial step; all C by default), each still attending to the prefix and all C.
-    `sc_top_k`: self-conditioning from each position's k likeliest embedding rows instead of the whole table."""
+    forwards (a speed mode's partial step; all C by default), each attending to the prefix and `attended` canvas
+    positions (all C by default; fewer when a speed mode trims the canvas after its end). `sc_top_k`:
+    self-conditioning from each position's k likeliest embedding rows instead of the whole table."""
     t = config.text_config
     V, H = t.vocab_size, t.hidden_size
     C = config.canvas_length if queries is None else queries  # the positions that run through the layers
-    attended = config.canvas_length
+    attended = config.canvas_length if attended is None else attended
     wb = weight_bits / 8
     heads = t.num_attention_heads
     costs = dict.fromkeys(COMPONENTS, Cost(0, 0, 0))

@@ -38,6 +38,8 @@ FLAGS = {
     "accept_confidence": "--accept-confidence",
     "eos_exit": "--eos-exit",
     "refresh_frozen": "--refresh-frozen",
+    "trim_eos": "--trim-eos",
+    "first_window": "--first-window",
 }
 TRAIN_FLAGS = {
     "steps": "--steps",
@@ -110,7 +112,7 @@ Mode = Annotated[
     typer.Option(
         "--mode",
         help="exact (default: the reference algorithm), fast or turbo: speed modes that trade accuracy for fewer "
-        "FLOPs. On the demo model fast keeps 99.4% of exact's accuracy (1.50x fewer FLOPs), turbo 97.7% (1.86x "
+        "FLOPs. On the demo model fast keeps 98.7% of exact's accuracy (3.03x fewer FLOPs), turbo 97.3% (3.34x "
         "fewer). README: Speed modes; `eval` measures them on your prompts.",
     ),
 ]
@@ -140,11 +142,27 @@ RefreshFrozen = Annotated[
         "--refresh-frozen/--no-refresh-frozen",
         help="Speed knob: forward a position once more when it froze on a token other than the one its K/V were "
         "computed from (default); --no-refresh-frozen reuses those stale K/V (Fast-dLLM's cache): with turbo it "
-        "loses more than 3 points on the demo model (3.6), with fast 2.0.",
+        "loses more than 3 points on the demo model (4.0), with fast 2.6.",
     ),
 ]
 EosExit = Annotated[
     Optional[bool], typer.Option("--eos-exit/--no-eos-exit", help="Speed knob: end a block once it is all EOS.")
+]
+TrimEos = Annotated[
+    Optional[float],
+    typer.Option(
+        "--trim-eos",
+        help="Speed knob: once a block's first end-of-sequence token is P sure, forward and attend to the canvas "
+        "only through it (the whole canvas again if it goes).",
+    ),
+]
+FirstWindow = Annotated[
+    Optional[float],
+    typer.Option(
+        "--first-window",
+        help="Speed knob, with --trim-eos: a block's first step forwards only this share of the canvas (the rest "
+        "joins when no end shows in it).",
+    ),
 ]
 
 
@@ -273,6 +291,8 @@ def generate(
     accept_confidence: AcceptConfidence = None,
     eos_exit: EosExit = None,
     refresh_frozen: RefreshFrozen = None,
+    trim_eos: TrimEos = None,
+    first_window: FirstWindow = None,
     seed: Seed = None,
     system: System = None,
     think: Think = False,
@@ -292,7 +312,8 @@ def generate(
     overrides = _settings(
         steps, entropy_bound, t_min, t_max, stability, confidence, sc_top_k, mode=mode, freeze_after=freeze_after,
         freeze_confidence=freeze_confidence, refresh_every=refresh_every, accept=accept,
-        accept_confidence=accept_confidence, eos_exit=eos_exit, refresh_frozen=refresh_frozen,
+        accept_confidence=accept_confidence, eos_exit=eos_exit, refresh_frozen=refresh_frozen, trim_eos=trim_eos,
+        first_window=first_window,
     )  # fmt: skip
     _check_flags(overrides, max_tokens, seed)
     if batch_size is not None and batch_size < 1:

@@ -281,10 +281,15 @@ class GenerationConfig:
     accept: str = "entropy"  # "entropy": the entropy bound; "confidence": top probability >= accept_confidence
     accept_confidence: float = 0.9
     eos_exit: bool = False  # end a block at once when its argmax canvas is all end-of-sequence tokens
+    # forward and attend to the canvas only through its first end-of-sequence token once one is this sure (top
+    # probability); the rest counts as end-of-sequence, and the whole canvas comes back if that token goes
+    trim_eos: float | None = None
+    first_window: float | None = None  # with trim_eos: a block's first step forwards this share of the canvas
 
     def is_exact(self) -> bool:
         """Whether these settings run the reference algorithm (no speed knob on)."""
-        return (self.sc_top_k, self.freeze_after, self.accept, self.eos_exit) == (None, None, "entropy", False)
+        knobs = (self.sc_top_k, self.freeze_after, self.accept, self.eos_exit, self.trim_eos)
+        return knobs == (None, None, "entropy", False, None)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], text: TextConfig | None = None) -> GenerationConfig:
@@ -356,6 +361,16 @@ class GenerationConfig:
             raise ConfigError(f"{n('accept_confidence')} must be at most 1, got {self.accept_confidence!r}")
         if not isinstance(self.refresh_frozen, bool):
             raise ConfigError(f"{n('refresh_frozen')} must be true or false, got {self.refresh_frozen!r}")
+        if self.trim_eos is not None:
+            require_float(n("trim_eos"), self.trim_eos, positive=True)
+            if self.trim_eos > 1:
+                raise ConfigError(f"{n('trim_eos')} must be at most 1, got {self.trim_eos!r}")
+        if self.first_window is not None:
+            require_float(n("first_window"), self.first_window, positive=True)
+            if self.first_window > 1:
+                raise ConfigError(f"{n('first_window')} is a share of the canvas, at most 1, got {self.first_window!r}")
+            if self.trim_eos is None:
+                raise ConfigError(f"{n('first_window')} needs {n('trim_eos')} (the window finds where the answer ends)")
         if not isinstance(self.eos_exit, bool):
             raise ConfigError(f"{n('eos_exit')} must be true or false, got {self.eos_exit!r}")
         if self.t_max <= self.t_min:
@@ -368,7 +383,7 @@ class GenerationConfig:
 # by benchmarks/eval_modes.py (benchmarks/RESULTS.md) and `mlx_diffgemma eval` on a user's own data.
 MODES: dict[str, dict[str, Any]] = {
     "exact": {},
-    "fast": {"freeze_after": 0, "freeze_confidence": 0.99, "eos_exit": True},
+    "fast": {"freeze_after": 0, "freeze_confidence": 0.99, "eos_exit": True, "trim_eos": 0.9, "first_window": 0.375},
     "turbo": {
         "freeze_after": 0,
         "freeze_confidence": 0.9,
@@ -376,6 +391,8 @@ MODES: dict[str, dict[str, Any]] = {
         "accept_confidence": 0.9,
         "sc_top_k": 16,
         "eos_exit": True,
+        "trim_eos": 0.9,
+        "first_window": 0.375,
     },
 }
 

@@ -128,7 +128,7 @@ def evaluate(
     plans = {name: settings(model, **modes[name]) for name in order}  # checked before any work
     results = {name: ModeResult(name, modes[name]) for name in order}
     config, C = model.config, model.canvas_length
-    costs: dict[tuple[int, int, int | None], float] = {}
+    costs: dict[tuple[int, int, int | None, int], float] = {}
     for i, item in enumerate(items):
         prefix = len(render_prompt(tokenizer, item.prompt))
         reference = item.answer
@@ -140,9 +140,11 @@ def evaluate(
             ):
                 if isinstance(e, Step):
                     q = C if e.queries is None else e.queries
-                    at = (prefix + e.block * C, q, g.sc_top_k)
+                    at = (prefix + e.block * C, q, g.sc_top_k, C if e.attended is None else e.attended)
                     if at not in costs:
-                        costs[at] = total(step_costs(config, at[0], queries=q, sc_top_k=g.sc_top_k)).flops
+                        costs[at] = total(
+                            step_costs(config, at[0], queries=q, sc_top_k=g.sc_top_k, attended=at[3])
+                        ).flops
                     r.flops += costs[at]
                     r.forwarded += q
                 elif isinstance(e, Block):

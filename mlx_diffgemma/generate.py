@@ -33,6 +33,7 @@ class Step:
     settled: mx.array  # (C,) bool: the positions the sampler accepted this step (the rest were renoised)
     row: int = 0  # which prompt of a batch (0 for a single prompt)
     queries: int | None = None  # canvas positions this step forwarded (None: all; fewer in a speed mode)
+    attended: int | None = None  # canvas positions its queries attended to (None: all; fewer with trim_eos)
 
     @property
     def accepted(self) -> int:
@@ -175,10 +176,15 @@ def _make_fused_step_fn(g: GenerationConfig, vocab: int, cap: float):
     return step_fn
 
 
+def window(share: float, canvas: int) -> int:
+    """The positions a block's first step forwards with `first_window` = share: at least 1 and at most all."""
+    return min(canvas, max(1, round(share * canvas)))
+
+
 def partial_steps(g: GenerationConfig) -> bool:
-    """Whether `g` needs a speed mode's block loop (freezing, confidence acceptance or the EOS exit; top-k
-    self-conditioning alone runs in the exact loop)."""
-    return g.freeze_after is not None or g.accept != "entropy" or g.eos_exit
+    """Whether `g` needs a speed mode's block loop (freezing, confidence acceptance, the EOS exit or trimming;
+    top-k self-conditioning alone runs in the exact loop)."""
+    return g.freeze_after is not None or g.accept != "entropy" or g.eos_exit or g.trim_eos is not None
 
 
 def fused() -> bool:
@@ -275,6 +281,10 @@ def generate_step(
         pending = argmax
 
 
+# trim_eos: an end of sequence found by the first step's window in its last this many positions does not trim
+WINDOW_MARGIN = 2
+
+
 def _fast_block(
     model: Model,
     cache: PromptCache,
@@ -293,9 +303,15 @@ def _fast_block(
     freeze_after + 1 steps in a row (and, with `freeze_confidence`, at least that sure of it) freezes: its token
     is its argmax, it is no longer renoised or forwarded, and later steps attend to its recorded K/V (a position
     that froze on another token than the one it was read with is forwarded once more, so that its K/V are its
-    token's); every `refresh_every` steps one full forward refreshes every K/V. The block ends when every
-    position is frozen, by the reference stop rule, or (eos_exit) as soon as its argmax canvas is all
-    end-of-sequence tokens. `start` (1,): the first real slot of a left-padded cache (a batch's row)."""
+    token's); every `refresh_every` steps one full forward refreshes every K/V. With `trim_eos`, once the argmax
+    canvas's first end-of-sequence token is that sure (top probability), later steps forward and attend to the
+    canvas through it only (the rest counts as end-of-sequence: what the commit keeps ends there anyway); if it
+    goes, the whole canvas comes back, the positions left out forwarded with no self-conditioning signal, as on a
+    first step. With `first_window` as well, the first step forwards only that share of the canvas: if no end
+    shows in it (or only in its last WINDOW_MARGIN positions), the rest joins at the next step. The block ends
+    when every position it still forwards is frozen, by the reference stop rule (over the whole canvas, the left
+    out positions end-of-sequence and certain), or (eos_exit) as soon as its argmax canvas is all end-of-sequence
+    tokens. `start` (1,): the first real slot of a left-padded cache (a batch's row)."""
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
     eos = np.array(sorted(set(g.eos_token_id)))
     kv = CanvasKV() if g.freeze_after is not None else None
@@ -303,11 +319,15 @@ def _fast_block(
     stale = np.zeros(C, bool)  # frozen with another token than the one their recorded K/V were computed from
     tokens = np.array(canvas[0])
     argmax = tokens.copy()
+    sure = np.zeros(C, np.float32)  # each position's top probability when last forwarded
     history = sampling.new_history(g.stability_threshold, 1, C)
     soft, since_full = None, 0
+    L = C if g.first_window is None else window(g.first_window, C)  # positions [0, L) are forwarded and attended to
+    probing = L < C
     for steps, countdown in enumerate(range(N, 0, -1), 1):
-        full = kv is None or steps == 1 or not frozen.any() or (g.refresh_every and since_full >= g.refresh_every)
-        pos = np.arange(C) if full else np.nonzero(~frozen | stale)[0]  # stale ones: K/V of their frozen token
+        full = kv is None or steps == 1 or not frozen[:L].any() or (g.refresh_every and since_full >= g.refresh_every)
+        pos = np.arange(L) if full else np.nonzero((~frozen | stale)[:L])[0]  # stale ones: K/V of their token
+        n_keys = L
         live = None if full else mx.array(pos, dtype=mx.int32)
         since_full = 1 if full else since_full + 1
         key, k_step = mx.random.split(key)
@@ -316,15 +336,15 @@ def _fast_block(
         if split:  # its noise drawn on the second stream while the decoder runs
             gumbel = sampling.gumbel_ahead((1, len(pos), V), [k_sample])
         logits = model.denoise(
-            mx.array(tokens)[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live, start=start
+            mx.array(tokens[:L])[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live, start=start
         )
         temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
         if split:
-            probs, h, am, sampled = sampling.split_pass(logits, temp, gumbel)  # (1, L, V), (1, L) each
+            probs, h, am, sampled = sampling.split_pass(logits, temp, gumbel)  # (1, Q, V), (1, Q) each
             am, sampled = am[0], sampled[0]
         else:
             processed = logits / temp
-            probs, h = sampling.softmax_entropy(processed)  # (1, L, V), (1, L): the forwarded positions
+            probs, h = sampling.softmax_entropy(processed)  # (1, Q, V), (1, Q): the forwarded positions
             am, sampled = processed[0].argmax(-1), sampling.sample(processed, key=k_sample)[0]
         noise = sampling.random_canvas((len(pos),), V, key=k_noise)
         cand = ~frozen[pos]  # frozen positions forwarded (a full step, a stale one) keep their token
@@ -344,6 +364,7 @@ def _fast_block(
         acc &= cand
         same, read = argmax[pos] == am, tokens[pos]  # read: the tokens this step's K/V were computed from
         argmax[pos[cand]] = am[cand]
+        sure[pos] = top
         tokens[pos[cand]] = np.where(acc, sampled, noise)[cand]
         run[pos] = np.where(acc, np.where(same, run[pos] + 1, 1), 0)
         if g.freeze_after is not None:
@@ -353,16 +374,37 @@ def _fast_block(
             frozen[pos[newly]] = True
             stale[pos[newly]] = (read[newly] != am[newly]) & g.refresh_frozen
             tokens[pos[newly]] = am[newly]
+        if g.trim_eos is not None:  # forward the canvas only through the answer's end, once that end is sure
+            ends = np.nonzero(np.isin(argmax[:L], eos))[0]
+            first = int(ends[0]) if len(ends) else None
+            # after the first step's window: an end in its last positions may be the window's, not the answer's
+            short = first is None or (probing and first + 1 + WINDOW_MARGIN > L)
+            probing = False
+            if not short and sure[first] >= g.trim_eos and first + 1 < L:
+                L = first + 1
+                soft = soft[:, :L]
+                if kv is not None:
+                    kv.truncate(L)
+            elif short and L < C:  # no end in sight: the whole canvas again, the new positions forwarded next
+                argmax[L:], frozen[L:], stale[L:], run[L:] = tokens[L:], False, False, 0
+                soft = mx.concatenate([soft, mx.zeros((1, C - L, soft.shape[2]), soft.dtype)], axis=1)
+                if kv is not None:
+                    kv.extend(C)
+                L = C
+            if L < C:  # the positions left out count as end-of-sequence (one shows before them)
+                argmax[L:] = argmax[first]
         settled = frozen.copy()
         settled[pos[acc]] = True
+        settled[L:] = True
         draft = mx.array(argmax)
-        yield Step(block, steps, draft, mx.array(settled), queries=len(pos))
+        yield Step(block, steps, draft, mx.array(settled), queries=len(pos), attended=n_keys)
         entropy = np.zeros(C, np.float32)
         entropy[pos[cand]] = h[cand]
+        entropy[L:] = 0  # positions this step trimmed away count as certain end-of-sequence
         stop, history = sampling.stop_criterion(
             history, draft[None], None, g.confidence_threshold, mx.array(entropy)[None]
         )
-        if frozen.all() or (g.eos_exit and np.isin(argmax, eos).all()) or bool(stop.all()):
+        if frozen[:L].all() or (g.eos_exit and np.isin(argmax, eos).all()) or bool(stop.all()):
             break
     return mx.array(argmax)[None], steps, key
 

@@ -387,6 +387,20 @@ class CanvasKV:
             out.append(read)
         return out
 
+    def truncate(self, length: int) -> None:
+        """Keep the recorded K/V of canvas positions [0, length) only (a speed mode that stops attending to the
+        rest)."""
+        self.kv = [None if kv is None else (kv[0][:, :, :length], kv[1][:, :, :length]) for kv in self.kv]
+
+    def extend(self, length: int) -> None:
+        """Zeros for canvas positions from the recorded length up to `length`: the next (partial) step must
+        forward all of them."""
+
+        def pad(a: mx.array) -> mx.array:
+            return mx.concatenate([a, mx.zeros((*a.shape[:2], length - a.shape[2], *a.shape[3:]), a.dtype)], axis=2)
+
+        self.kv = [None if kv is None else (pad(kv[0]), pad(kv[1])) for kv in self.kv]
+
 
 def attention_masks(cfg: TextConfig, offset: int, length: int, cached: dict[str, int]) -> dict[str, Mask]:
     """Causal masks for encoding `length` new tokens at `offset`, after `cached[type]` cached positions.

@@ -324,6 +324,8 @@ KNOBS = {
     "accept_confidence": "accept_confidence",
     "eos_exit": "eos_exit",
     "refresh_frozen": "refresh_frozen",
+    "trim_eos": "trim_eos",
+    "first_window": "first_window",
 }
 EXTENSIONS = {"ignore_eos"}  # vLLM's: generate to max_tokens whatever the model says
 # OpenAI fields this server accepts and has no use for (as OpenAI-compatible servers do); anything else unknown is

@@ -142,6 +142,73 @@ def test_eos_exit_ends_a_block_that_is_all_eos(demo, monkeypatch):
     assert commits[0].steps > 1
 
 
+def test_canvas_kv_cut_and_grown_matches_a_fresh_forward(checkpoint):
+    """What trimming does to the recorded K/V: cut to the first L positions, a partial step over a canvas of L
+    forwards as a full step over those L; grown back to C, a step forwarding every position is a full step."""
+    model = load(checkpoint("basic"))[0]
+    C, L = model.canvas_length, 6
+    cache = model.make_cache()
+    prefill(model, mx.array([list(range(3, 40))]), cache)
+    canvas = mx.array(np.random.default_rng(0).integers(0, model.args.vocab_size, (1, C)).astype(np.int32))
+    kv = CanvasKV()
+    model.denoise(canvas, cache, canvas_kv=kv)
+    kv.truncate(L)
+    part = model.denoise(canvas[:, :L], cache, canvas_kv=kv, live=mx.arange(L, dtype=mx.int32))
+    np.testing.assert_allclose(np.array(part), np.array(model.denoise(canvas[:, :L], cache)), rtol=1e-5, atol=1e-5)
+    kv.extend(C)
+    assert all(k.shape[2] == C and v.shape[2] == C for k, v in kv.kv)
+    grown = model.denoise(canvas, cache, canvas_kv=kv, live=mx.arange(C, dtype=mx.int32))
+    np.testing.assert_allclose(np.array(grown), np.array(model.denoise(canvas, cache)), rtol=1e-5, atol=1e-5)
+
+
+def test_trimming_forwards_the_canvas_through_its_end(demo, monkeypatch):
+    """A model sure of an answer that ends at position `end`: with trim_eos, the steps after the first forward and
+    attend to the canvas through that end only; with first_window, the first step forwards that share, and the
+    rest joins at the next step when no end shows in it (or one shows only in its last WINDOW_MARGIN positions)."""
+    model, tok = demo
+    C, V = model.canvas_length, model.args.vocab_size
+    eos = settings(model).eos_token_id[0]
+    seen = []
+
+    def sure_of(end, gap):
+        def denoise(canvas, cache, live=None, **kw):
+            n = canvas.shape[1]
+            seen.append(n)
+            pos = mx.arange(n) if live is None else live
+            want = mx.where(pos < end, 7, eos)
+            return mx.where(mx.arange(V)[None] == want[:, None], gap, 0.0)[None]
+
+        return denoise
+
+    ids = mx.array([render_prompt(tok, "Sort: 3 1")])
+
+    def run(end, gap=60.0, **kw):  # a gap of 60 between the logits: certain (top probability 1 in float32)
+        monkeypatch.setattr(model, "denoise", sure_of(end, gap))
+        seen.clear()
+        g = settings(model, confidence_threshold=1e-30, stability_threshold=3, max_denoising_steps=4, **kw)
+        events = list(generate_step(model, ids, g, C, key=mx.random.key(0)))
+        commit = events[-1]
+        assert isinstance(commit, Commit) and commit.tokens == [7] * end and commit.finish_reason == "eos"
+        steps = [e for e in events if isinstance(e, Step)]
+        assert all(int(s.draft[end]) == eos and (np.array(s.draft[end:]) == eos).all() for s in steps[1:])
+        return [(s.queries, s.attended) for s in steps], list(seen)
+
+    assert run(5, trim_eos=0.9)[0] == [(C, C), (6, 6), (6, 6), (6, 6)]
+    w = gen.window(0.25, C)
+    assert run(5, trim_eos=0.9, first_window=0.25)[0] == [(w, w), (6, 6), (6, 6), (6, 6)]
+    # an end in the window's last positions, or none in it: the whole canvas at the next step, then trimmed
+    late = w - gen.WINDOW_MARGIN
+    assert run(late, trim_eos=0.9, first_window=0.25)[0][:3] == [(w, w), (C, C), (late + 1, late + 1)]
+    assert run(30, trim_eos=0.9, first_window=0.25)[0][:3] == [(w, w), (C, C), (31, 31)]
+    # with freezing the grown step forwards the positions the window left out and none of the frozen ones (those
+    # frozen on another token than the one they were read with are forwarded once more unless refresh_frozen is off)
+    steps, canvases = run(30, trim_eos=0.9, first_window=0.25, freeze_after=0, refresh_frozen=False)
+    assert steps[:2] == [(w, w), (C - w, C)] and canvases[:2] == [w, C]
+    # never that sure: nothing trimmed (a gap of 8: top probability 0.98 to 0.99996 at these temperatures)
+    assert run(5, gap=8.0, trim_eos=1.0)[0] == [(C, C)] * 4
+    assert run(5, gap=8.0, trim_eos=0.95)[0] == [(C, C), (6, 6), (6, 6), (6, 6)]
+
+
 def test_modes_resolve_and_bad_knobs_are_one_line_errors(demo):
     model, _ = demo
     assert set(MODES) == {"exact", "fast", "turbo"} and settings(model, mode="exact") == settings(model)
@@ -156,6 +223,11 @@ def test_modes_resolve_and_bad_knobs_are_one_line_errors(demo):
         ({"accept_confidence": 1.5}, "accept_confidence"),
         ({"freeze_confidence": 1.5}, "freeze_confidence"),
         ({"refresh_frozen": "no"}, "refresh_frozen"),
+        ({"trim_eos": 1.5}, "trim_eos must be at most 1"),
+        ({"trim_eos": 0}, "trim_eos"),
+        ({"trim_eos": 0.9, "first_window": 0}, "first_window"),
+        ({"trim_eos": 0.9, "first_window": 1.5}, "first_window is a share of the canvas"),
+        ({"first_window": 0.5}, "first_window needs trim_eos"),
     ):
         with pytest.raises(ConfigError, match=match):
             settings(model, **bad)
