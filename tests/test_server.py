@@ -110,7 +110,8 @@ def test_held_out_answers_through_the_api(demo_server, demo):
 
 def test_a_speed_mode_per_request(demo_server, demo):
     """`mode` (and the knobs behind it) per request, beside exact requests: each answer is what `generate` gives
-    locally in that mode; a mode that does not exist is a 400 naming the field."""
+    locally in that mode (or with those knobs); a mode that does not exist, or a knob without the one it needs,
+    is a 400 naming the field."""
     model, tok = demo
     pairs = examples(4, HELD_OUT_SEED + 3)
     modes = ["turbo", None, "fast", None]
@@ -124,6 +125,11 @@ def test_a_speed_mode_per_request(demo_server, demo):
     assert answers == [generate(model, tok, pairs[i][0], seed=i, mode=modes[i]) for i in range(4)]
     with pytest.raises(openai.BadRequestError, match="mode must be one of"):
         chat(demo_server, "Sort: 2 1", extra_body={"mode": "warp"})
+    with pytest.raises(openai.BadRequestError, match="first_window needs trim_eos"):
+        chat(demo_server, "Sort: 2 1", extra_body={"first_window": 0.5})
+    knobs = {"trim_eos": 0.9, "first_window": 0.25}
+    answer = chat(demo_server, pairs[0][0], seed=0, extra_body=knobs).choices[0].message.content
+    assert answer == generate(model, tok, pairs[0][0], seed=0, **knobs)
 
 
 def test_streaming_sends_a_chunk_per_block(demo_server):
