@@ -14,21 +14,22 @@ import platform
 import sys
 from pathlib import Path
 
+from mlx_diffgemma.config import MODES
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+def without_trimming(mode: str) -> dict:
+    """A named mode's knobs with trim_eos and first_window left out (what the mode was before them)."""
+    return {k: v for k, v in MODES[mode].items() if k not in ("trim_eos", "first_window")}
+
+
 # The named modes, then each knob alone (what each contributes, and what it costs).
 VARIANTS = {
     "exact": {"mode": "exact"},
     "fast": {"mode": "fast"},
     "turbo": {"mode": "turbo"},
-    "fast without trimming": {"freeze_after": 0, "freeze_confidence": 0.99, "eos_exit": True},
-    "turbo without trimming": {
-        "freeze_after": 0,
-        "freeze_confidence": 0.9,
-        "accept": "confidence",
-        "accept_confidence": 0.9,
-        "sc_top_k": 16,
-        "eos_exit": True,
-    },
+    **{f"{m} without trimming": without_trimming(m) for m in ("fast", "turbo")},
     "trim_eos=0.9": {"trim_eos": 0.9},
     "trim_eos=0.9, first_window=0.375": {"trim_eos": 0.9, "first_window": 0.375},
     "sc_top_k=16": {"sc_top_k": 16},
