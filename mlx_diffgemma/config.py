@@ -352,19 +352,13 @@ class GenerationConfig:
             require_int(n("refresh_every"), self.refresh_every, 1)
         if self.accept not in ("entropy", "confidence"):
             raise ConfigError(f'{n("accept")} must be "entropy" or "confidence", got {self.accept!r}')
-        require_float(n("accept_confidence"), self.accept_confidence, positive=True)
+        require_float(n("accept_confidence"), self.accept_confidence, positive=True, maximum=1)
         if self.freeze_confidence is not None:
-            require_float(n("freeze_confidence"), self.freeze_confidence)
-            if self.freeze_confidence > 1:
-                raise ConfigError(f"{n('freeze_confidence')} must be at most 1, got {self.freeze_confidence!r}")
-        if self.accept_confidence > 1:
-            raise ConfigError(f"{n('accept_confidence')} must be at most 1, got {self.accept_confidence!r}")
+            require_float(n("freeze_confidence"), self.freeze_confidence, maximum=1)
         if not isinstance(self.refresh_frozen, bool):
             raise ConfigError(f"{n('refresh_frozen')} must be true or false, got {self.refresh_frozen!r}")
         if self.trim_eos is not None:
-            require_float(n("trim_eos"), self.trim_eos, positive=True)
-            if self.trim_eos > 1:
-                raise ConfigError(f"{n('trim_eos')} must be at most 1, got {self.trim_eos!r}")
+            require_float(n("trim_eos"), self.trim_eos, positive=True, maximum=1)
         if self.first_window is not None:
             require_float(n("first_window"), self.first_window, positive=True)
             if self.first_window > 1:
@@ -404,12 +398,17 @@ def require_int(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def require_float(name: str, value: Any, positive: bool = False, minimum: float = 0.0) -> float:
-    """A finite number >= minimum (> 0 with positive), or a ConfigError naming the key."""
+def require_float(
+    name: str, value: Any, positive: bool = False, minimum: float = 0.0, maximum: float | None = None
+) -> float:
+    """A finite number >= minimum (> 0 with positive) and at most `maximum` if given, or a ConfigError naming the
+    key."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < minimum or (positive and value <= 0):
         bound = "> 0" if positive else f">= {minimum:g}"
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum:g}, got {value!r}")
     return float(value)
 
 
