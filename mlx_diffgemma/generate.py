@@ -327,7 +327,7 @@ def _fast_block(
     for steps, countdown in enumerate(range(N, 0, -1), 1):
         full = kv is None or steps == 1 or not frozen[:L].any() or (g.refresh_every and since_full >= g.refresh_every)
         pos = np.arange(L) if full else np.nonzero((~frozen | stale)[:L])[0]  # stale ones: K/V of their token
-        n_keys = L
+        attended = L  # this step's canvas keys (L may change below)
         live = None if full else mx.array(pos, dtype=mx.int32)
         since_full = 1 if full else since_full + 1
         key, k_step = mx.random.split(key)
@@ -397,7 +397,7 @@ def _fast_block(
         settled[pos[acc]] = True
         settled[L:] = True
         draft = mx.array(argmax)
-        yield Step(block, steps, draft, mx.array(settled), queries=len(pos), attended=n_keys)
+        yield Step(block, steps, draft, mx.array(settled), queries=len(pos), attended=attended)
         entropy = np.zeros(C, np.float32)
         entropy[pos[cand]] = h[cand]
         entropy[L:] = 0  # positions this step trimmed away count as certain end-of-sequence
