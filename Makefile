@@ -18,9 +18,9 @@ else
 endif
 
 DEMO_PROMPT ?= Write a Python function area(x, u) that returns x * u.
-.PHONY: setup runtime openblas clang test parity demo lint
-setup: $(VENV)/.installed openblas
-runtime: $(VENV)/.runtime openblas
+.PHONY: setup runtime openblas native clang test parity demo lint
+setup: $(VENV)/.installed openblas native
+runtime: $(VENV)/.runtime openblas native
 
 # the package alone (what `make demo` needs); the tests add torch + transformers (the reference) and pytest
 $(VENV)/.runtime: pyproject.toml
@@ -38,6 +38,15 @@ openblas:
 ifeq ($(UNAME),Linux)
 	@[ -e $(OPENBLAS) ] || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null) \
 	  || echo "note: libopenblas0-pthread not installed (needs root); MLX uses its slow bundled BLAS"; }
+endif
+
+# the native CPU kernels (mlx_diffgemma/native): compiled for this machine into ~/.cache/mlx-diffgemma/native, once
+# per source and MLX version; without them (no compiler, no CMake) everything runs, on the pure-MLX references
+native: $(VENV)/.runtime
+ifeq ($(UNAME),Linux)
+	@command -v cmake >/dev/null || $(PY) -m pip install -q "cmake>=3.24"
+	@PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m mlx_diffgemma.native build >/dev/null \
+	  || echo "note: the native CPU kernels were not built; the CPU path runs on pure MLX (slower)"
 endif
 
 # the tests syntax-check the Metal kernels with clang++ (macOS has it; on Linux it is installed when missing)

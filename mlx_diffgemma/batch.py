@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import sampling, streams
+from . import native, sampling, streams
 from .cache import FullAttentionCache, PromptCache, join_rows, subset
 from .config import GenerationConfig
 from .generate import Commit, Step, _check_context, _fast_block, check_ids, fused, partial_steps, prefill
@@ -227,9 +227,10 @@ class Batch:
             for r in rows:
                 r.key, k_step = mx.random.split(r.key)
                 keys.append(mx.random.split(k_step))  # (sample, renoise)
-            split = not through_kernels and streams.enabled() and C > 1
+            uniform = native.available()  # the native sampler takes the uniforms, not Gumbel draws
+            split = not through_kernels and (streams.enabled() or uniform) and C > 1
             if split:  # the draws' noise on the second stream while the decoder runs (sampling.split_pass)
-                gumbel = sampling.gumbel_ahead((1, C, V), [k[0] for k in keys])
+                gumbel = sampling.gumbel_ahead((1, C, V), [k[0] for k in keys], uniform=uniform)
             if through_kernels:  # one fused pass over the raw logits; the signal is (logits, temperatures, lse)
                 if sc is None:
                     soft = None
@@ -253,7 +254,7 @@ class Batch:
                     logits = model.denoise(canvas, cache, start=start, self_conditioning_embeds=mx.concatenate(soft))
                 temps = mx.array([[[_temperature(r)]] for r in rows], dtype=mx.float32)
                 if split:
-                    sc, h, argmax, sampled = sampling.split_pass(logits, temps, gumbel)
+                    sc, h, argmax, sampled = sampling.split_pass(logits, temps, gumbel, uniform)
                     argmax, sampled = argmax.astype(mx.int32), sampled.astype(mx.int32)
                 else:
                     processed, sc, h, argmax = _scores(logits, temps)

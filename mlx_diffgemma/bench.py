@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from . import accounting, streams
+from . import accounting, native, streams
 from .generate import _make_split_step_fn, _make_step_fn, generate_step, prefill, settings
 from .model import Model
 
@@ -61,15 +61,17 @@ def component_times(model: Model, prefix: int, seed: int = 0) -> dict[str, float
     prefill(model, mx.random.randint(0, V, (1, prefix), key=key), cache)
     cache.materialize()
     canvas = mx.random.randint(0, V, (1, C), key=mx.random.split(key)[0])
-    logits = model.denoise(canvas, cache)
+    # as generation runs it: with the native kernels the sampler applies the final softcap to the raw logits
+    cap = (model.args.final_logit_softcapping or 0.0) if native.available() else 0.0
+    logits = model.denoise(canvas, cache, softcap=not cap)
     g = settings(model, **NEVER_STOP)
-    if streams.enabled() and C > 1:  # as generation runs it; timed here with its noise drawn, not overlapped
-        prepare, split = _make_split_step_fn(g, (1, C, V))
+    if (streams.enabled() or native.available()) and C > 1:  # timed here with its noise drawn, not overlapped
+        prepare, split = _make_split_step_fn(g, (1, C, V), cap)
 
         def step_fn(logits, canvas, history, temp, key):
             return split(logits, canvas, history, temp, *prepare(key))
     else:
-        step_fn = _make_step_fn(g, V)
+        step_fn = _make_step_fn(g, V, cap)
     from .sampling import new_history
 
     history, temp = new_history(g.stability_threshold, 1, C), mx.array(g.t_max, dtype=mx.float32)
@@ -99,7 +101,7 @@ def component_times(model: Model, prefix: int, seed: int = 0) -> dict[str, float
         mx.eval(h)
     hn = model.norm(h)
     mx.eval(hn)
-    times["output head"] = _timed(lambda: model.logits(hn))
+    times["output head"] = _timed(lambda: model.logits(hn, softcap=not cap))
     return times
 
 
@@ -128,6 +130,7 @@ class Report:
     times: dict[str, float] = field(default_factory=dict)  # seconds per component
     steps_per_s: float | None = None
     end_to_end: dict[str, float] = field(default_factory=dict)
+    native: str | None = None  # the native CPU kernels' state (on the CPU)
 
     def table(self) -> str:
         """Markdown: per component GFLOP, weights and activations moved, time and achieved rate."""
@@ -150,6 +153,8 @@ class Report:
     def summary(self) -> list[str]:
         total = accounting.total(self.costs)
         lines = [f"one step over a canvas after {self.prefix} cached positions: {total.flops / 1e9:.1f} GFLOP"]
+        if self.native:
+            lines.append(f"native CPU kernels: {self.native}")
         if self.matmul_flops:
             spread = ""
             if self.matmul_range and self.matmul_range[0] < 0.9 * self.matmul_range[1]:
@@ -208,6 +213,8 @@ def run(
     if model is None:
         return report
     say = log or (lambda s: None)
+    if mx.default_device() == mx.cpu:
+        report.native = native.describe()
     say("measuring the machine's matmul rate")
     rates = [matmul_rate(model.dtype) for _ in range(3)]
     say("timing each component of a step")

@@ -7,13 +7,19 @@ the GELU of every MLP. These versions do the same arithmetic with multiplies and
 loop, and are at least as accurate in float32 (exp: relative error below 2e-7, MLX's own is 3.5e-6; tanh: below
 5e-7). On a GPU MLX's own functions are fast, and `enabled()` is false there. MLX_DIFFGEMMA_FASTMATH=0 turns them
 off everywhere.
+
+Where the native CPU kernels are built (native/), softmax, the softcap and GELU run there instead: the same
+polynomials, vectorised and on every core; the forms below are their references.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import mlx.core as mx
+
+from . import native
 
 _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 split so that n * _LN2_HI is exact (Cody-Waite)
@@ -71,6 +77,8 @@ def _shifted_exp(x: mx.array, m: mx.array) -> mx.array:
 
 @mx.custom_function
 def _softmax_last(x: mx.array) -> mx.array:
+    if native.available():  # the same polynomial, vectorised on every core (native/cpu_ops.cpp)
+        return native.softmax_rows(x)
     e = _shifted_exp(x, mx.max(x, axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -107,7 +115,25 @@ def _softcap_vjp(primals, cotangent, output):
 
 def softcap(x: mx.array, cap: float) -> mx.array:
     """cap * tanh(x / cap), float32 (the final logit softcap)."""
+    if native.available():
+        return _native_softcap(float(cap))(x.astype(mx.float32))
     return _softcap(x.astype(mx.float32), mx.array(cap, dtype=mx.float32))
+
+
+@functools.lru_cache(maxsize=8)
+def _native_softcap(cap: float):
+    """The native kernel's softcap for one cap, with the derivative of `_softcap`."""
+
+    @mx.custom_function
+    def fn(x: mx.array) -> mx.array:
+        return native.softcap(x, cap)
+
+    @fn.vjp
+    def fn_vjp(primals, cotangent, output):
+        t = output / cap
+        return cotangent * (1.0 - t * t)
+
+    return fn
 
 
 _GELU_C, _GELU_A = 0.7978845608028654, 0.044715
@@ -120,7 +146,7 @@ def _gelu_approx_fwd(x: mx.array) -> mx.array:
 
 @mx.custom_function
 def _gelu_approx(x: mx.array) -> mx.array:
-    return _gelu_approx_fwd(x)
+    return native.gelu_tanh(x) if native.available() else _gelu_approx_fwd(x)
 
 
 @_gelu_approx.vjp

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from . import kernels, memory, sampling, streams
+from . import kernels, memory, native, sampling, streams
 from .cache import PromptCache
 from .config import MODES, ConfigError, GenerationConfig
 from .model import CanvasKV, Model, put_positions
@@ -80,17 +80,25 @@ def settings(
     return g
 
 
-def _make_step_fn(g: GenerationConfig, vocab: int):
+def _make_step_fn(g: GenerationConfig, vocab: int, cap: float = 0.0):
     """The pure part of a denoising step, compiled: one exponential pass over the vocabulary (softmax and entropy),
     the draw, then accept, renoise, and test the stop criterion. Returns the probabilities as the next step's
-    self-conditioning (the decoder would otherwise compute the same softmax again)."""
+    self-conditioning (the decoder would otherwise compute the same softmax again). With the native kernels the
+    pass is theirs, over the uniforms `sample` draws with the same key (and the softcap `cap` of raw logits);
+    without, cap must be 0."""
+    through_native = native.available()
 
     def step_fn(logits, canvas, history, temp, key):
         k_sample, k_noise = mx.random.split(key)
-        processed = logits / temp  # (B, C, V) temperature-scaled
-        probs, h = sampling.softmax_entropy(processed)  # (B, C, V), (B, C): shared by everything below
-        sampled = sampling.sample(processed, key=k_sample).astype(canvas.dtype)
-        argmax = processed.argmax(axis=-1).astype(canvas.dtype)
+        if through_native:
+            uniforms = sampling.gumbel_uniforms(logits.shape, k_sample)
+            probs, h, argmax, sampled = sampling.native_pass(logits, temp, uniforms, True, cap)
+            argmax, sampled = argmax.astype(canvas.dtype), sampled.astype(canvas.dtype)
+        else:
+            processed = logits / temp  # (B, C, V) temperature-scaled
+            probs, h = sampling.softmax_entropy(processed)  # (B, C, V), (B, C): shared by everything below
+            sampled = sampling.sample(processed, key=k_sample).astype(canvas.dtype)
+            argmax = processed.argmax(axis=-1).astype(canvas.dtype)
         noise = sampling.random_canvas(canvas.shape, vocab, key=k_noise).astype(canvas.dtype)
         canvas, mask, stop, history = sampling.settle(
             canvas, sampled, argmax, h, history, noise, g.entropy_bound, g.confidence_threshold
@@ -114,23 +122,26 @@ def _compiled_settle(g: GenerationConfig):
     return tail
 
 
-def _make_split_step_fn(g: GenerationConfig, shape: tuple[int, int, int]):
+def _make_split_step_fn(g: GenerationConfig, shape: tuple[int, int, int], cap: float = 0.0):
     """`_make_step_fn` for MLX's CPU backend, where a stream evaluates elementwise work on one thread and the
-    sampler's pass over the (B, C, V) logits is nothing else: the pass runs as two halves of the canvas on two
-    streams, and the Gumbel noise, which depends only on the key, is drawn on the second stream while the decoder
-    runs (`prepare(key)`, called before the forward). Each row sees the same operations on the same numbers as in
-    `_make_step_fn`, and the noise is the one `sampling.sample` draws with that key: the same tokens, probabilities
-    and entropies, bit for bit (tests/test_generate.py). Returns (prepare, step). C >= 2 (see
-    `sampling.gumbel_uniforms`)."""
+    sampler's pass over the (B, C, V) logits is nothing else: the pass runs as `sampling.split_pass` (the native
+    kernel on every core, or two halves of the canvas on two streams), and its noise, which depends only on the
+    key, is drawn on the second stream while the decoder runs (`prepare(key)`, called before the forward). Each
+    row sees the same operations on the same numbers as in `_make_step_fn`, and the noise is the one
+    `sampling.sample` draws with that key: the same tokens, probabilities and entropies, bit for bit
+    (tests/test_generate.py). Returns (prepare, step). C >= 2 (see `sampling.gumbel_uniforms`). `cap` as for
+    `_make_step_fn`."""
     B, C, V = shape
     tail = _compiled_settle(g)
+    uniform = native.available()
 
     def prepare(key):
         k_sample, k_noise = mx.random.split(key)
-        return sampling.gumbel_ahead(shape, [k_sample]), sampling.random_canvas((B, C), V, key=k_noise)
+        draws = sampling.gumbel_ahead(shape, [k_sample], uniform=uniform)
+        return draws, sampling.random_canvas((B, C), V, key=k_noise)
 
     def step(logits, canvas, history, temp, gumbel, noise):
-        probs, h, argmax, sampled = sampling.split_pass(logits, temp, gumbel)
+        probs, h, argmax, sampled = sampling.split_pass(logits, temp, gumbel, uniform=uniform, cap=cap)
         argmax = argmax.astype(canvas.dtype)
         canvas, mask, stop, history = tail(canvas, sampled.astype(canvas.dtype), argmax, h, history, noise)
         return canvas, argmax, probs, mask, stop, history
@@ -141,11 +152,17 @@ def _make_split_step_fn(g: GenerationConfig, shape: tuple[int, int, int]):
 def _make_noise_step_fn(g: GenerationConfig):
     """`_make_step_fn` with the noise given: Gumbel noise (B, C, V) for the draw and renoise tokens (B, C)."""
 
+    through_native = native.available()
+
     def step_fn(logits, canvas, history, temp, gumbel, fresh):
-        processed = logits / temp
-        probs, h = sampling.softmax_entropy(processed)
-        sampled = (processed + gumbel).argmax(axis=-1).astype(canvas.dtype)
-        argmax = processed.argmax(axis=-1).astype(canvas.dtype)
+        if through_native:
+            probs, h, argmax, sampled = sampling.native_pass(logits, temp, gumbel, False)
+            argmax, sampled = argmax.astype(canvas.dtype), sampled.astype(canvas.dtype)
+        else:
+            processed = logits / temp
+            probs, h = sampling.softmax_entropy(processed)
+            sampled = (processed + gumbel).argmax(axis=-1).astype(canvas.dtype)
+            argmax = processed.argmax(axis=-1).astype(canvas.dtype)
         canvas, mask, stop, history = sampling.settle(
             canvas, sampled, argmax, h, history, fresh.astype(canvas.dtype), g.entropy_bound, g.confidence_threshold
         )
@@ -224,12 +241,14 @@ def generate_step(
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
     through_kernels = noise is None and fused()
     prepare = None  # randomness drawn before the forward (the split sampler's Gumbel noise)
+    # the native sampler applies the final softcap itself, in its one read of the raw logits
+    cap = (model.args.final_logit_softcapping or 0.0) if noise is None and native.available() else 0.0
     if through_kernels:
         step_fn = _make_fused_step_fn(g, V, model.args.final_logit_softcapping or 0.0)
-    elif noise is None and streams.enabled() and C > 1:
-        prepare, step_fn = _make_split_step_fn(g, (1, C, V))
+    elif noise is None and (streams.enabled() or native.available()) and C > 1:
+        prepare, step_fn = _make_split_step_fn(g, (1, C, V), cap)
     else:
-        step_fn = _make_step_fn(g, V) if noise is None else _make_noise_step_fn(g)
+        step_fn = _make_step_fn(g, V, cap) if noise is None else _make_noise_step_fn(g)
     eos = set(g.eos_token_id)
     fast = partial_steps(g)
     if fast and noise is not None:
@@ -260,7 +279,7 @@ def generate_step(
                 soft = None if sc is None else model.soft_embed_logits(*sc, top_k=g.sc_top_k)
                 logits = model.denoise(canvas, cache, self_conditioning_embeds=soft, softcap=False)
             else:
-                logits = model.denoise(canvas, cache, self_conditioning_probs=sc, sc_top_k=g.sc_top_k)
+                logits = model.denoise(canvas, cache, self_conditioning_probs=sc, sc_top_k=g.sc_top_k, softcap=not cap)
             temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
             canvas, argmax, sc, mask, stop, history = step_fn(logits, canvas, history, temp, *randomness)
             steps += 1
@@ -315,6 +334,7 @@ def _fast_block(
     C, V, N = model.canvas_length, model.args.vocab_size, g.max_denoising_steps
     eos = np.array(sorted(set(g.eos_token_id)))
     kv = CanvasKV() if g.freeze_after is not None else None
+    uniform = native.available()  # the native sampler takes the uniforms, not Gumbel draws
     frozen, run = np.zeros(C, bool), np.zeros(C, np.int64)
     stale = np.zeros(C, bool)  # frozen with another token than the one their recorded K/V were computed from
     tokens = np.array(canvas[0])
@@ -332,15 +352,15 @@ def _fast_block(
         since_full = 1 if full else since_full + 1
         key, k_step = mx.random.split(key)
         k_sample, k_noise = mx.random.split(k_step)
-        split = streams.enabled() and len(pos) > 1  # the sampler on two CPU streams, as in exact mode
+        split = (streams.enabled() or uniform) and len(pos) > 1  # the sampler as in exact mode
         if split:  # its noise drawn on the second stream while the decoder runs
-            gumbel = sampling.gumbel_ahead((1, len(pos), V), [k_sample])
+            gumbel = sampling.gumbel_ahead((1, len(pos), V), [k_sample], uniform=uniform)
         logits = model.denoise(
             mx.array(tokens[:L])[None], cache, self_conditioning_embeds=soft, canvas_kv=kv, live=live, start=start
         )
         temp = mx.array(sampling.temperature(countdown, g.t_min, g.t_max, N), dtype=mx.float32)
         if split:
-            probs, h, am, sampled = sampling.split_pass(logits, temp, gumbel)  # (1, Q, V), (1, Q) each
+            probs, h, am, sampled = sampling.split_pass(logits, temp, gumbel, uniform)  # (1, Q, V), (1, Q) each
             am, sampled = am[0], sampled[0]
         else:
             processed = logits / temp

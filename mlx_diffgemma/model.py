@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fastmath, kernels
+from . import fastmath, kernels, native
 from .cache import FullAttentionCache, KVSource, PromptCache, SlidingWindowCache, context_source
 from .config import LayerSpec, ModelConfig, TextConfig
 
@@ -78,6 +78,23 @@ def _rope_freqs(params: dict[str, Any], head_dim: int) -> mx.array:
     return mx.concatenate([factor * base**exponents, mx.full((head_dim // 2 - rotated,), mx.inf)])
 
 
+@mx.custom_function
+def _native_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """native.rope (x (B, L, H, D) -> rotated (B, H, L, D)) with its derivative: the inverse rotation of the
+    cotangent, transposed back (cos and sin are constants of the positions)."""
+    return native.rope(x, cos, sin)
+
+
+@_native_rope.vjp
+def _native_rope_vjp(primals, cotangent, output):
+    x, cos, sin = primals
+    if cos.ndim == 3:  # one row of positions per batch row: (B, L, D/2) -> (B, 1, L, D/2)
+        cos, sin = cos[:, None], sin[:, None]
+    g1, g2 = mx.split(cotangent, 2, axis=-1)
+    gx = mx.concatenate([g1 * cos + g2 * sin, g2 * cos - g1 * sin], axis=-1).transpose(0, 2, 1, 3)
+    return gx, mx.zeros_like(primals[1]), mx.zeros_like(primals[2])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec, rope: dict[str, Any]):
         super().__init__()
@@ -91,6 +108,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self._freqs = _rope_freqs(rope, hd)
+        self._tables: dict[tuple[int, int], tuple[mx.array, mx.array]] = {}  # (L, offset) -> the native rope's cos, sin
 
     def _rope(self, x: mx.array, offset: int | mx.array) -> mx.array:
         """x (B, heads, L, hd) at positions offset.. (an int, or one offset per row (B,)), or at the positions
@@ -101,13 +119,37 @@ class Attention(nn.Module):
             return self._rope(rows, offset.reshape(-1)).reshape(B, L, h, d).transpose(0, 2, 1, 3)
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
 
+    def _rope_table(self, L: int, offset: int | mx.array) -> tuple[mx.array, mx.array]:
+        """cos and sin of the rotary angles at positions offset.. (L, hd/2), or (B, L, hd/2) for one offset per
+        row, computed as mx.fast.rope's CPU form computes them (so the native rope gives its numbers). A block's
+        steps share their positions: kept per (L, offset)."""
+        key = (L, offset) if isinstance(offset, int) else None
+        if key in self._tables:
+            return self._tables[key]
+        off = mx.array(offset, dtype=mx.int32) if isinstance(offset, int) else offset.astype(mx.int32)[:, None]
+        positions = (mx.arange(L, dtype=mx.float32) + off) * mx.array(1.0, dtype=mx.float32)
+        theta = positions[..., None] * mx.reciprocal(self._freqs)
+        table = (mx.cos(theta), mx.sin(theta))
+        if key is not None:
+            if len(self._tables) >= 4:
+                self._tables.clear()
+            self._tables[key] = table
+        return table
+
+    def _native_rope(self, x: mx.array, offset: int | mx.array) -> bool:
+        return native.available() and x.dtype == mx.float32 and (isinstance(offset, int) or offset.ndim == 1)
+
     def __call__(self, x: mx.array, offset: int | mx.array, kv: KVSource, mask: Mask) -> mx.array:
         B, L, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(B, L, -1, self.head_dim))
         k_raw = self.k_proj(x).reshape(B, L, -1, self.head_dim)
         v = self.v_proj(x).reshape(B, L, -1, self.head_dim) if "v_proj" in self else k_raw
-        q = self._rope(q.transpose(0, 2, 1, 3), offset)  # (B, heads, L, hd)
-        k = self._rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)  # (B, kv_heads, L, hd)
+        if self._native_rope(q, offset):  # rotation and transpose in one pass over each, on every core
+            cos, sin = self._rope_table(L, offset)
+            q, k = _native_rope(q, cos, sin), _native_rope(self.k_norm(k_raw), cos, sin)
+        else:
+            q = self._rope(q.transpose(0, 2, 1, 3), offset)  # (B, heads, L, hd)
+            k = self._rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)  # (B, kv_heads, L, hd)
         v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no scale
         keys, values = kv(k, v)  # (B, kv_heads, S, hd)
         o = attention(q, keys, values, mask)
@@ -223,12 +265,16 @@ class QuantizedSwitchLinear(nn.Module):
 def expert_path() -> str:
     """How the experts run: "gather" (gather_mm / gather_qmm over the chosen experts: the GPU's path),
     "segments" (tokens sorted by expert, one matmul per expert over its own rows, the counts read on the host: the
-    CPU's path, where gather_mm is slow and float32-only), or "dense" (every expert on every token, weighted: the
-    simplest, kept as a check). Same numbers each way; MLX_DIFFGEMMA_EXPERTS=dense|gather|segments overrides."""
+    CPU's path, where gather_mm is slow and float32-only), "native" (the segments' arithmetic in one native CPU
+    primitive, native/cpu_ops.cpp: no host read; float32 weights, GELU-tanh gating, inference only; elsewhere the
+    segments), or "dense" (every expert on every token, weighted: the simplest, kept as a check). Same numbers
+    each way; MLX_DIFFGEMMA_EXPERTS=dense|gather|segments|native overrides."""
     forced = os.environ.get("MLX_DIFFGEMMA_EXPERTS")
-    if forced in ("dense", "gather", "segments"):
+    if forced in ("dense", "gather", "segments", "native"):
         return forced
-    return "gather" if mx.default_device() == mx.gpu else "segments"
+    if mx.default_device() == mx.gpu:
+        return "gather"
+    return "native" if native.available() else "segments"
 
 
 class Experts(nn.Module):
@@ -256,16 +302,49 @@ class Experts(nn.Module):
             onehot = idx[..., None] == mx.arange(y.shape[0])  # (N, k, E)
             dense_w = (onehot * w[..., None]).sum(axis=1)  # (N, E)
             return (y * dense_w.T[..., None]).sum(axis=0).astype(x.dtype)
-        if path == "segments":
+        if path == "native" and self._native_ok(x):
+            return self._native(x, idx, w).astype(x.dtype)
+        if path in ("segments", "native"):
             y = self._segments(x, idx)
         else:
             y = self._gather(x, idx)
         return (y.reshape(N, k, -1) * w[..., None]).sum(axis=1).astype(x.dtype)
 
-    def _segments(self, x: mx.array, idx: mx.array) -> mx.array:
+    def _native(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array:
+        """The native primitive, its derivative that of the segments path over the same weights."""
+
+        def reference(x, w, gate_up, down):
+            y = self._segments(x, idx, gate_up, down)
+            return (y.reshape(*idx.shape, -1) * w[..., None]).sum(axis=1)
+
+        @mx.custom_function
+        def fn(x, w, gate_up, down):
+            return native.experts(x, idx, w, gate_up, down)
+
+        @fn.vjp
+        def fn_vjp(primals, cotangent, output):
+            return tuple(mx.vjp(reference, list(primals), [cotangent])[1])
+
+        return fn(x, w, self.gate_up_proj.weight, self.down_proj.weight)
+
+    def _native_ok(self, x: mx.array) -> bool:
+        """Whether the native primitive computes this call: float32, unquantized, GELU-tanh gating."""
+        return (
+            native.available()
+            and isinstance(self.gate_up_proj, SwitchLinear)
+            and x.dtype == mx.float32
+            and self.gate_up_proj.weight.dtype == mx.float32
+            and self.down_proj.weight.dtype == mx.float32
+            and self.act is _gelu_tanh
+        )
+
+    def _segments(
+        self, x: mx.array, idx: mx.array, gate_up: mx.array | None = None, down: mx.array | None = None
+    ) -> mx.array:
         """(N, H) x (N, k) expert ids -> (N * k, H), each expert applied to its own tokens only: the (token, slot)
         pairs sorted by expert, one matmul per expert over its contiguous rows. Reads the per-expert counts on the
-        host (one synchronisation per layer)."""
+        host (one synchronisation per layer). `gate_up`, `down`: float weights (E, out, in) to use instead of the
+        layers' (the native path's derivative)."""
         N, k = idx.shape
         flat = mx.stop_gradient(idx.flatten())
         order = mx.stop_gradient(mx.argsort(flat))
@@ -274,8 +353,12 @@ class Experts(nn.Module):
         parts, start = [], 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                h = self._glu(self.gate_up_proj.expert(e, xs[start : start + n]))
-                parts.append(self.down_proj.expert(e, h))
+                rows = xs[start : start + n]
+                if gate_up is None:
+                    h = self._glu(self.gate_up_proj.expert(e, rows))
+                    parts.append(self.down_proj.expert(e, h))
+                else:
+                    parts.append(self._glu(rows @ gate_up[e].T) @ down[e].T)
             start += n
         return mx.concatenate(parts)[mx.stop_gradient(mx.argsort(order))]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from . import fastmath, kernels, streams
+from . import fastmath, kernels, native, streams
 from .noise import gumbel
 
 _TINY = float(np.nextafter(np.float32(0), np.float32(1)))  # the low end of MLX's Gumbel uniforms
@@ -97,6 +97,8 @@ def gumbel_uniforms(shape: tuple[int, ...], key: mx.array) -> mx.array:
     """The uniform numbers `sample` draws with `key` (MLX's categorical takes argmax(logits - log(-log u)) over
     these): a fused pass given them samples exactly what `sample` samples. For (B, C, V) with C >= 2 only: over a
     single row MLX's categorical draws other numbers (checked for several V, MLX 0.32.4)."""
+    if native.available():  # the same numbers, drawn vectorised on every core
+        return native.uniform(key, shape, _TINY, 1.0)
     return mx.random.uniform(low=_TINY, high=1.0, shape=shape, key=key)
 
 
@@ -106,11 +108,13 @@ def gumbel_draws(shape: tuple[int, ...], key: mx.array) -> mx.array:
     return gumbel(gumbel_uniforms(shape, key))
 
 
-def gumbel_ahead(shape: tuple[int, ...], keys: list[mx.array]) -> mx.array:
-    """`gumbel_draws(shape, key)` for each key, stacked along axis 0, drawn on the second CPU stream and started
-    now: it depends on nothing but the keys, so it is ready by the time the decoder's forward is."""
-    with mx.stream(streams.side()):
-        draws = [gumbel_draws(shape, k) for k in keys]
+def gumbel_ahead(shape: tuple[int, ...], keys: list[mx.array], uniform: bool = False) -> mx.array:
+    """`gumbel_draws(shape, key)` for each key (`gumbel_uniforms` when `uniform`: the native pass takes their
+    logarithms itself), stacked along axis 0, drawn on the second CPU stream and started now: it depends on
+    nothing but the keys, so it is ready by the time the decoder's forward is."""
+    draw = gumbel_uniforms if uniform else gumbel_draws
+    with mx.stream(streams.side() if streams.enabled() else streams.main()):
+        draws = [draw(shape, k) for k in keys]
         out = draws[0] if len(draws) == 1 else mx.concatenate(draws)
     mx.async_eval(out)
     return out
@@ -125,18 +129,40 @@ def _half_pass(logits: mx.array, temps: mx.array, gumbel: mx.array) -> tuple[mx.
 _half_pass_compiled = mx.compile(_half_pass)
 
 
-def split_pass(logits: mx.array, temps: mx.array, gumbel: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """The sampler's pass over the vocabulary on two CPU streams, one half of the canvas each (MLX's CPU backend
-    runs a stream's elementwise work on one thread): from logits (B, C, V), temperatures broadcastable to (B, 1, 1)
-    and Gumbel noise (B, C, V), the probabilities of logits / temps, their entropies, the argmax and the sample
-    argmax(logits / temps + gumbel). Each row sees the operations it would see in one pass: the same numbers."""
+def split_pass(
+    logits: mx.array, temps: mx.array, noise: mx.array, uniform: bool = False, cap: float = 0.0
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The sampler's pass over the vocabulary on the CPU's cores: from logits (B, C, V), temperatures
+    broadcastable to (B, 1, 1) and Gumbel noise (B, C, V), the probabilities of logits / temps, their entropies,
+    the argmax and the sample argmax(logits / temps + noise). `uniform`: the noise is `gumbel_uniforms`, not yet
+    Gumbel draws; `cap`: the logits are raw, before the final softcap (0: none to apply).
+    With the native kernels (native/) one vectorised pass on every core; without, two halves of the canvas on
+    two CPU streams (MLX's CPU backend runs a stream's elementwise work on one thread), each row seeing the
+    operations it would see in one pass: the same numbers."""
+    if native.available():
+        return native_pass(logits, temps, noise, uniform, cap)
+    gumbel_noise = gumbel(noise) if uniform else noise
+    if cap:
+        logits = fastmath.softcap(logits, cap)
     C = logits.shape[1]
     parts = []
     for stream, half in zip((streams.main(), streams.side()), (slice(0, C // 2), slice(C // 2, C))):
         with mx.stream(stream):
-            parts.append(_half_pass_compiled(logits[:, half], temps, gumbel[:, half]))
+            parts.append(_half_pass_compiled(logits[:, half], temps, gumbel_noise[:, half]))
     probs, h, argmax, sampled = (mx.concatenate(list(x), axis=1) for x in zip(*parts))
     return probs, h, argmax, sampled
+
+
+def native_pass(
+    logits: mx.array, temps: mx.array, noise: mx.array, uniform: bool, cap: float = 0.0
+) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """`split_pass` through the native kernel: (B, C, V) logits, temperatures broadcastable to (B, C, 1)."""
+    B, C, V = logits.shape
+    t = mx.broadcast_to(temps.astype(mx.float32), (B, C, 1)).reshape(B * C)
+    probs, h, argmax, sampled = native.vocab_pass(
+        logits.reshape(B * C, V), t, noise.reshape(B * C, V), cap=cap, uniform=uniform
+    )
+    return probs.reshape(B, C, V), h.reshape(B, C), argmax.reshape(B, C), sampled.reshape(B, C)
 
 
 def fused_pass(

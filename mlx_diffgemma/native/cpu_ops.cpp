@@ -1,0 +1,814 @@
+// Native CPU kernels for MLX's CPU backend: the elementwise work of a denoising step, vectorised and spread over
+// the machine's cores. MLX's x86 CPU build evaluates exponentials, logarithms and tanh one element at a time on
+// one thread per stream (about 26 ns per exp on the project's machine); these primitives run the same arithmetic
+// as fastmath.py's (the same polynomials), in SIMD registers (GCC/Clang vector extensions, compiled for the
+// building machine) on every core.
+//
+// Each op is an MLX primitive, so it sits in the lazy graph like any other: evaluated on its stream's thread,
+// after its inputs, with no host synchronisation. The pure-MLX reference of each op is in native/__init__.py
+// (and is what runs when this module is not built); tests/test_native.py compares the two.
+//
+// Ops (float32 in, row-contiguous; Python wrappers make them so):
+//   softmax_rows(x)                        softmax over the last axis
+//   softcap(x, cap)                        cap * tanh(x / cap)
+//   gelu_tanh(x)                           0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//   vocab_pass(logits, temps, noise, cap, uniform)
+//       the sampler's pass over the vocabulary, per row r of logits (R, V):
+//       y = softcap(logits[r], cap) / temps[r] (cap 0: no softcap), probs = softmax(y), entropy of probs,
+//       argmax(y), and the sample argmax(y + G) with G = noise[r] (Gumbel draws) or -log(-log(noise[r]))
+//       (uniform = true). Outputs: probs (R, V), entropy (R,), argmax (R,) uint32, sample (R,) uint32.
+//   experts(x, idx, w, gate_up, down)     a mixture-of-experts layer, float32: for each token n and slot j,
+//       y = down[e] (gelu_tanh(g) * u) with (g, u) = gate_up[e] x[n] split in halves, e = idx[n, j]; the output
+//       is sum_j w[n, j] y. The (token, slot) pairs are grouped by expert and each expert is one BLAS product
+//       over its own rows (cblas_sgemm: the BLAS MLX itself calls), all inside one primitive: no host
+//       synchronisation and no per-expert graph nodes.
+//   rope(x, cos, sin)                      rotary embedding (the non-traditional halves form) and the transpose
+//       that attention needs in one pass: x (B, L, H, D) -> (B, H, L, D), out[.., :D/2] = x1 cos - x2 sin,
+//       out[.., D/2:] = x1 sin + x2 cos, with cos/sin (L, D/2) or (B, L, D/2) as mx.fast.rope's CPU form computes
+//       them (each product rounded, as there: the same numbers)
+//   uniform(key, shape, low, high)         mx.random.uniform(low, high, shape, key=key), bit for bit: MLX's
+//                                          threefry counters and its conversion to float32, vectorised
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#ifndef NATIVE_DIGEST
+#define NATIVE_DIGEST "unknown"
+#endif
+
+namespace {
+
+// ----------------------------------------------------------------------------------------------------------------
+// SIMD: W floats per vector (64 bytes: one AVX-512 register, two AVX2 ones; the compiler splits it as it must)
+
+constexpr int W = 16;
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+inline vf splat(float x) {
+  return vf{} + x;
+}
+inline vi splati(int32_t x) {
+  return vi{} + x;
+}
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vf v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+inline vf select(vi m, vf a, vf b) {
+  return m ? a : b;
+}
+inline vf vmin(vf a, vf b) {
+  return a < b ? a : b;
+}
+inline vf vmax(vf a, vf b) {
+  return a > b ? a : b;
+}
+inline vf vfloor(vf x) {  // |x| < 2^31
+  vf t = __builtin_convertvector(__builtin_convertvector(x, vi), vf);
+  return t - select(t > x, splat(1.0f), splat(0.0f));
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
+// exp: fastmath._exp (Cody-Waite reduction, degree-7 polynomial; relative error below 2e-7); 0 below -87.34
+constexpr float EXP_MIN = -87.33654f, EXP_MAX = 88.72283f;
+inline vf vexp(vf x) {
+  vf xc = vmax(vmin(x, splat(EXP_MAX)), splat(EXP_MIN - 1.0f));
+  vf n = vfloor(xc * 1.4426950408889634f + 0.5f);
+  vf r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  vi e = (__builtin_convertvector(vmax(n, splat(-126.0f)), vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return select(x < EXP_MIN, splat(0.0f), p * scale);
+}
+
+// tanh: fastmath._tanh (Eigen's float32 rational approximation on [-7.9, 7.9], saturated beyond)
+inline vf vtanh(vf x) {
+  const float clip = 7.90531110763549805f;
+  vf xc = vmax(vmin(x, splat(clip)), splat(-clip));
+  vf x2 = xc * xc;
+  vf p = splat(-2.76076847742355e-16f);
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  vf q = splat(1.19825839466702e-06f);
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return xc * p / q;
+}
+
+// log for finite x > 0: x = m 2^k with m in [sqrt(1/2), sqrt(2)), log x = k ln2 + log m, log m from
+// Cephes' logf polynomial in f = m - 1 (relative error about 1e-7)
+inline vf vlog(vf x) {
+  vi sub = x < 1.17549435e-38f;  // subnormal: scaled by 2^23 first (MLX's uniforms reach 1.4e-45)
+  x = select(sub, x * 8388608.0f, x);
+  vi bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  vi k = ((bits >> 23) & 0xff) - 127 + (sub & -23);
+  vi mb = (bits & 0x007fffff) | 0x3f800000;  // m in [1, 2)
+  vf m;
+  std::memcpy(&m, &mb, sizeof(m));
+  vi big = m > 1.41421356f;
+  m = select(big, m * 0.5f, m);
+  vf kf = __builtin_convertvector(k - big, vf);  // big is -1 where true
+  vf f = m - 1.0f;
+  vf z = f * f;
+  vf y = splat(7.0376836292e-2f);
+  y = y * f + -1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f + -1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f + -1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f + -2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y = y + kf * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return f + y + kf * 0.693359375f;
+}
+
+inline float sexp(float x) {
+  vf v = vexp(splat(x));
+  return v[0];
+}
+inline float slog(float x) {
+  vf v = vlog(splat(x));
+  return v[0];
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Threads: rows split into contiguous chunks, one per thread (the calling stream thread takes the first)
+
+int max_threads() {
+  static int n = [] {
+    const char* env = std::getenv("MLX_DIFFGEMMA_NATIVE_THREADS");
+    int t = env ? std::atoi(env) : 0;
+    if (t <= 0) t = static_cast<int>(std::thread::hardware_concurrency());
+    return std::max(1, std::min(t, 64));
+  }();
+  return n;
+}
+
+template <class F>
+void parallel_rows(int64_t rows, int64_t work_per_row, F&& fn) {
+  constexpr int64_t MIN_WORK = 1 << 15;  // elements per thread below which a thread is not worth starting
+  int64_t by_work = std::max<int64_t>(1, rows * work_per_row / MIN_WORK);
+  int t = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(max_threads()), rows, by_work}));
+  if (t <= 1) {
+    fn(0, rows);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(t - 1);
+  auto bound = [&](int i) { return rows * i / t; };
+  for (int i = 1; i < t; ++i) pool.emplace_back([&, i] { fn(bound(i), bound(i + 1)); });
+  fn(0, bound(1));
+  for (auto& th : pool) th.join();
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Row kernels
+
+// A row's sums run in order, element by element, as MLX's CPU reduction adds them on x86 (its SIMD width is 1
+// there): the same total to the last bit, so that these kernels give fastmath's numbers exactly (a vectorised
+// sum would be more accurate, and different; a float32 model amplifies such differences in its gradients).
+inline float sum_in_order(const float* x, int64_t n) {
+  float total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) total += x[i];
+  return total;
+}
+
+void softmax_row(const float* x, float* out, int64_t n) {
+  int64_t nv = n - n % W;
+  vf m = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < nv; i += W) m = vmax(m, load(x + i));
+  float mx_ = hmax(m);
+  for (int64_t i = nv; i < n; ++i) mx_ = std::max(mx_, x[i]);
+  for (int64_t i = 0; i < nv; i += W) store(out + i, vexp(load(x + i) - mx_));
+  for (int64_t i = nv; i < n; ++i) out[i] = sexp(x[i] - mx_);
+  float total = sum_in_order(out, n);
+  for (int64_t i = 0; i < nv; i += W) store(out + i, load(out + i) / total);
+  for (int64_t i = nv; i < n; ++i) out[i] /= total;
+}
+
+void softcap_range(const float* x, float* out, int64_t n, float cap) {
+  int64_t nv = n - n % W;
+  for (int64_t i = 0; i < nv; i += W) store(out + i, vtanh(load(x + i) / cap) * cap);
+  for (int64_t i = nv; i < n; ++i) out[i] = vtanh(splat(x[i] / cap))[0] * cap;
+}
+
+inline vf vgelu(vf x) {
+  return 0.5f * x * (1.0f + vtanh(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+void gelu_range(const float* x, float* out, int64_t n) {
+  int64_t nv = n - n % W;
+  for (int64_t i = 0; i < nv; i += W) store(out + i, vgelu(load(x + i)));
+  for (int64_t i = nv; i < n; ++i) out[i] = vgelu(splat(x[i]))[0];
+}
+
+// argmax with the first index among equal maxima (as MLX's), lane-wise then across lanes
+struct ArgMax {
+  vf best = splat(-std::numeric_limits<float>::infinity());
+  vi where = splati(-1);
+  float tail_best = -std::numeric_limits<float>::infinity();
+  int32_t tail_where = -1;
+  inline void add(vf v, int32_t base, vi lane) {
+    vi better = v > best;
+    best = select(better, v, best);
+    where = better ? (lane + base) : where;
+  }
+  inline void add_scalar(float v, int32_t i) {
+    if (v > tail_best) tail_best = v, tail_where = i;
+  }
+  int32_t result() const {
+    float b = tail_best;
+    int32_t w = tail_where;
+    for (int i = 0; i < W; ++i) {
+      if (where[i] < 0) continue;
+      if (best[i] > b || (best[i] == b && (w < 0 || where[i] < w))) b = best[i], w = where[i];
+    }
+    return w < 0 ? 0 : w;  // an all -inf / NaN row: index 0
+  }
+};
+
+void vocab_row(
+    const float* x,
+    const float* noise,
+    float temp,
+    float cap,
+    bool uniform,
+    int64_t n,
+    float* probs,
+    float* ez,  // n floats of scratch
+    float* entropy,
+    uint32_t* argmax,
+    uint32_t* sample) {
+  int64_t nv = n - n % W;
+  vi lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
+  ArgMax am, sm;
+  vf m = splat(-std::numeric_limits<float>::infinity());
+  // pass 1: y = softcap(x) / temp into probs; max, argmax(y), argmax(y + G)
+  for (int64_t i = 0; i < nv; i += W) {
+    vf y = load(x + i);
+    if (cap > 0.0f) y = vtanh(y / cap) * cap;
+    y = y / temp;
+    store(probs + i, y);
+    vf g = load(noise + i);
+    if (uniform) g = -vlog(-vlog(g));
+    m = vmax(m, y);
+    am.add(y, static_cast<int32_t>(i), lane);
+    sm.add(y + g, static_cast<int32_t>(i), lane);
+  }
+  float mx_ = hmax(m);
+  for (int64_t i = nv; i < n; ++i) {
+    float y = x[i];
+    if (cap > 0.0f) y = vtanh(splat(y / cap))[0] * cap;
+    y = y / temp;
+    probs[i] = y;
+    float g = noise[i];
+    if (uniform) g = -slog(-slog(g));
+    mx_ = std::max(mx_, y);
+    am.add_scalar(y, static_cast<int32_t>(i));
+    sm.add_scalar(y + g, static_cast<int32_t>(i));
+  }
+  // pass 2: e = exp(y - max) into probs, e * z into ez; their sums in order (as MLX adds them)
+  for (int64_t i = 0; i < nv; i += W) {
+    vf z = load(probs + i) - mx_;
+    vf e = vexp(z);
+    store(probs + i, e);
+    store(ez + i, e * z);
+  }
+  for (int64_t i = nv; i < n; ++i) {
+    float z = probs[i] - mx_;
+    float e = sexp(z);
+    probs[i] = e;
+    ez[i] = e * z;
+  }
+  float total = 0.0f, total_ez = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {  // two independent chains in one loop
+    total += probs[i];
+    total_ez += ez[i];
+  }
+  // pass 3: normalise
+  for (int64_t i = 0; i < nv; i += W) store(probs + i, load(probs + i) / total);
+  for (int64_t i = nv; i < n; ++i) probs[i] /= total;
+  *entropy = std::log(total) - total_ez / total;
+  *argmax = static_cast<uint32_t>(am.result());
+  *sample = static_cast<uint32_t>(sm.result());
+}
+
+// MLX's random bits (backend/cpu/primitives.cpp, RandomBits): for one key and N 32-bit words, word c and word
+// c + half + (N odd) are the two halves of threefry2x32(key, (c, c + half + (N odd))) for c < half = N / 2, and
+// an odd N's middle word is the first half of threefry2x32(key, (half, 0)).
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+
+inline void threefry(uint32_t k0, uint32_t k1, vu& x0, vu& x1) {
+  static constexpr uint32_t rot[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
+  const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDAu};
+  x0 += ks[0];
+  x1 += ks[1];
+  for (int i = 0; i < 5; ++i) {
+    for (uint32_t r : rot[i % 2]) {
+      x0 += x1;
+      x1 = (x1 << r) | (x1 >> (32 - r));
+      x1 ^= x0;
+    }
+    x0 += ks[(i + 1) % 3];
+    x1 += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);
+  }
+}
+
+// mx.random.uniform's conversion: float(bits) / float(UINT32_MAX), at most the float below 1, times
+// (high - low), plus low (each step rounded as MLX rounds it: no fused multiply-add)
+inline vf to_uniform(vu bits, float range, float low) {
+  vf u = __builtin_convertvector(bits, vf) / 4294967295.0f;
+  u = vmin(u, splat(0.99999994f));
+  return u * range + low;
+}
+
+void uniform_range(uint32_t k0, uint32_t k1, int64_t n, float low, float high, float* out, int64_t a, int64_t b) {
+  // pairs c in [a, b) of [0, half)
+  const int64_t half = n / 2;
+  const uint32_t shift = static_cast<uint32_t>(half + (n % 2));
+  const float range = high - low;
+  vu lane;
+  for (int i = 0; i < W; ++i) lane[i] = static_cast<uint32_t>(i);
+  int64_t c = a;
+  for (; c + W <= b; c += W) {
+    vu x0 = lane + static_cast<uint32_t>(c), x1 = x0 + shift;
+    threefry(k0, k1, x0, x1);
+    store(out + c, to_uniform(x0, range, low));
+    store(out + c + shift, to_uniform(x1, range, low));
+  }
+  for (; c < b; ++c) {
+    vu x0 = vu{} + static_cast<uint32_t>(c), x1 = x0 + shift;
+    threefry(k0, k1, x0, x1);
+    out[c] = to_uniform(x0, range, low)[0];
+    out[c + shift] = to_uniform(x1, range, low)[0];
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Mixture of experts through the BLAS MLX links (resolved at load time from the process: the preloaded OpenBLAS,
+// or the BLAS MLX's wheel bundles)
+
+extern "C" void cblas_sgemm(
+    int order,
+    int trans_a,
+    int trans_b,
+    int m,
+    int n,
+    int k,
+    float alpha,
+    const float* a,
+    int lda,
+    const float* b,
+    int ldb,
+    float beta,
+    float* c,
+    int ldc);
+constexpr int ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112;
+
+void experts_forward(
+    const float* x,
+    const uint32_t* idx,
+    const float* w,
+    const float* gate_up,  // (E, 2I, H)
+    const float* down,  // (E, H, I)
+    float* out,  // (N, H)
+    int64_t N,
+    int64_t k,
+    int64_t E,
+    int64_t H,
+    int64_t I) {
+  std::vector<int64_t> counts(E + 1, 0);
+  const uint32_t n_experts = static_cast<uint32_t>(E);
+  for (int64_t p = 0; p < N * k; ++p)
+    if (idx[p] < n_experts) counts[idx[p] + 1]++;  // an id out of range (no router gives one) contributes nothing
+  for (int64_t e = 0; e < E; ++e) counts[e + 1] += counts[e];  // offsets
+  const int64_t rows = counts[E];
+  std::vector<int64_t> pair(rows), fill(counts.begin(), counts.end() - 1);
+  for (int64_t p = 0; p < N * k; ++p)  // (token, slot) pairs grouped by expert, in order
+    if (idx[p] < n_experts) pair[fill[idx[p]]++] = p;
+  std::vector<float> xs(rows * H), g(rows * 2 * I), a(rows * I), ys(rows * H);
+  parallel_rows(rows, H, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) std::memcpy(&xs[r * H], x + (pair[r] / k) * H, H * sizeof(float));
+  });
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t r0 = counts[e], n = counts[e + 1] - r0;
+    if (n == 0) continue;
+    cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, n, 2 * I, H, 1.0f, &xs[r0 * H], H, gate_up + e * 2 * I * H, H, 0.0f,
+                &g[r0 * 2 * I], 2 * I);
+    for (int64_t r = r0; r < r0 + n; ++r) {  // gelu(gate) * up
+      const float* gr = &g[r * 2 * I];
+      float* ar = &a[r * I];
+      int64_t iv = I - I % W;
+      for (int64_t i = 0; i < iv; i += W) store(ar + i, vgelu(load(gr + i)) * load(gr + I + i));
+      for (int64_t i = iv; i < I; ++i) ar[i] = vgelu(splat(gr[i]))[0] * gr[I + i];
+    }
+    cblas_sgemm(ROW_MAJOR, NO_TRANS, TRANS, n, H, I, 1.0f, &a[r0 * I], I, down + e * H * I, I, 0.0f, &ys[r0 * H], H);
+  }
+  std::vector<int64_t> where(N * k, -1);  // row of each (token, slot) pair
+  for (int64_t r = 0; r < rows; ++r) where[pair[r]] = r;
+  parallel_rows(N, H * k, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      float* o = out + t * H;
+      std::fill(o, o + H, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {  // slots in order, as (y * w).sum(axis=1) adds them
+        if (where[t * k + j] < 0) continue;
+        const float* y = &ys[where[t * k + j] * H];
+        float wj = w[t * k + j];
+        for (int64_t i = 0; i < H; ++i) o[i] += y[i] * wj;
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Primitives
+
+void check_f32(const mx::array& a, const char* what) {
+  if (a.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 input expected");
+}
+
+class CpuOnly : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("mlx_diffgemma native kernels run on the CPU only");
+  }
+};
+
+class Elementwise : public CpuOnly {
+ public:
+  enum Kind { SOFTMAX, SOFTCAP, GELU };
+  Elementwise(mx::Stream s, Kind kind, float cap) : CpuOnly(s), kind_(kind), cap_(cap) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& x = in[0];
+    auto& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(x);
+    enc.set_output_array(y);
+    int64_t n = x.shape().empty() ? 1 : x.shape().back();
+    int64_t rows = n == 0 ? 0 : static_cast<int64_t>(x.size()) / n;
+    enc.dispatch([xp = x.data<float>(), yp = y.data<float>(), n, rows, kind = kind_, cap = cap_]() {
+      if (kind == SOFTMAX) {
+        parallel_rows(rows, n, [&](int64_t a, int64_t b) {
+          for (int64_t r = a; r < b; ++r) softmax_row(xp + r * n, yp + r * n, n);
+        });
+      } else {  // elementwise: any split of the flat range
+        int64_t total = rows * n, chunk = 4096;
+        int64_t pieces = (total + chunk - 1) / chunk;
+        parallel_rows(pieces, chunk, [&](int64_t a, int64_t b) {
+          int64_t lo = a * chunk, hi = std::min(total, b * chunk);
+          if (kind == SOFTCAP)
+            softcap_range(xp + lo, yp + lo, hi - lo, cap);
+          else
+            gelu_range(xp + lo, yp + lo, hi - lo);
+        });
+      }
+    });
+  }
+  const char* name() const override {
+    return kind_ == SOFTMAX ? "NativeSoftmax" : kind_ == SOFTCAP ? "NativeSoftcap" : "NativeGeluTanh";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Elementwise&>(other);
+    return kind_ == o.kind_ && cap_ == o.cap_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    return {in[0].shape()};
+  }
+
+ private:
+  Kind kind_;
+  float cap_;
+};
+
+class VocabPass : public CpuOnly {
+ public:
+  VocabPass(mx::Stream s, float cap, bool uniform) : CpuOnly(s), cap_(cap), uniform_(uniform) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &x = in[0], &temps = in[1], &noise = in[2];
+    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& o : out) enc.set_output_array(o);
+    int64_t n = x.shape().back(), rows = x.shape()[0];
+    enc.dispatch([xp = x.data<float>(),
+                  tp = temps.data<float>(),
+                  gp = noise.data<float>(),
+                  pp = out[0].data<float>(),
+                  hp = out[1].data<float>(),
+                  ap = out[2].data<uint32_t>(),
+                  sp = out[3].data<uint32_t>(),
+                  n,
+                  rows,
+                  cap = cap_,
+                  uniform = uniform_]() {
+      parallel_rows(rows, n, [&](int64_t a, int64_t b) {
+        std::vector<float> ez(n);
+        for (int64_t r = a; r < b; ++r)
+          vocab_row(xp + r * n, gp + r * n, tp[r], cap, uniform, n, pp + r * n, ez.data(), hp + r, ap + r, sp + r);
+      });
+    });
+  }
+  const char* name() const override {
+    return "NativeVocabPass";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const VocabPass&>(other);
+    return cap_ == o.cap_ && uniform_ == o.uniform_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    int r = in[0].shape()[0];
+    return {in[0].shape(), {r}, {r}, {r}};
+  }
+
+ private:
+  float cap_;
+  bool uniform_;
+};
+
+class Experts : public CpuOnly {
+ public:
+  using CpuOnly::CpuOnly;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &x = in[0], &idx = in[1], &w = in[2], &gu = in[3], &dn = in[4];
+    auto& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(y);
+    enc.dispatch([xp = x.data<float>(), ip = idx.data<uint32_t>(), wp = w.data<float>(), gp = gu.data<float>(),
+                  dp = dn.data<float>(), yp = y.data<float>(), N = static_cast<int64_t>(x.shape()[0]),
+                  k = static_cast<int64_t>(idx.shape()[1]), E = static_cast<int64_t>(gu.shape()[0]),
+                  H = static_cast<int64_t>(x.shape()[1]), I = static_cast<int64_t>(dn.shape()[2])]() {
+      experts_forward(xp, ip, wp, gp, dp, yp, N, k, E, H, I);
+    });
+  }
+  const char* name() const override {
+    return "NativeExperts";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
+class Rope : public CpuOnly {
+ public:
+  using CpuOnly::CpuOnly;
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto &x = in[0], &c = in[1], &sn = in[2];
+    auto& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(y);
+    enc.dispatch([xp = x.data<float>(), cp = c.data<float>(), sp = sn.data<float>(), yp = y.data<float>(),
+                  B = static_cast<int64_t>(x.shape()[0]), L = static_cast<int64_t>(x.shape()[1]),
+                  H = static_cast<int64_t>(x.shape()[2]), D = static_cast<int64_t>(x.shape()[3]),
+                  per_batch = c.ndim() == 3]() {
+      const int64_t half = D / 2, hv = half - half % W;
+      parallel_rows(B * H * L, D, [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {  // r = (b, h, l), the output's row
+          int64_t l = r % L, h = (r / L) % H, b = r / (L * H);
+          const float* src = xp + ((b * L + l) * H + h) * D;
+          const float* cr = cp + (per_batch ? b * L + l : l) * half;
+          const float* sr = sp + (per_batch ? b * L + l : l) * half;
+          float* dst = yp + r * D;
+          for (int64_t i = 0; i < hv; i += W) {
+            vf x1 = load(src + i), x2 = load(src + half + i), cv = load(cr + i), sv = load(sr + i);
+            store(dst + i, x1 * cv - x2 * sv);
+            store(dst + half + i, x1 * sv + x2 * cv);
+          }
+          for (int64_t i = hv; i < half; ++i) {
+            float x1 = src[i], x2 = src[half + i];
+            dst[i] = x1 * cr[i] - x2 * sr[i];
+            dst[half + i] = x1 * sr[i] + x2 * cr[i];
+          }
+        }
+      });
+    });
+  }
+  const char* name() const override {
+    return "NativeRope";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
+class Uniform : public CpuOnly {
+ public:
+  Uniform(mx::Stream s, float low, float high) : CpuOnly(s), low_(low), high_(high) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& key = in[0];
+    auto& y = out[0];
+    y.set_data(mx::allocator::malloc(y.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_input_array(key);
+    enc.set_output_array(y);
+    enc.dispatch([kp = key.data<uint32_t>(), yp = y.data<float>(), n = static_cast<int64_t>(y.size()), low = low_,
+                  high = high_]() {
+      uint32_t k0 = kp[0], k1 = kp[1];
+      int64_t half = n / 2;
+      parallel_rows((half + 1023) / 1024, 2048, [&](int64_t a, int64_t b) {
+        uniform_range(k0, k1, n, low, high, yp, a * 1024, std::min(half, b * 1024));
+      });
+      if (n % 2) {  // the middle word: threefry(key, (half, 0)).first
+        vu x0 = vu{} + static_cast<uint32_t>(half), x1 = vu{};
+        threefry(k0, k1, x0, x1);
+        yp[half] = to_uniform(x0, high - low, low)[0];
+      }
+    });
+  }
+  const char* name() const override {
+    return "NativeUniform";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Uniform&>(other);
+    return low_ == o.low_ && high_ == o.high_;
+  }
+
+ private:
+  float low_, high_;
+};
+
+// ----------------------------------------------------------------------------------------------------------------
+// Ops
+
+mx::array elementwise(const mx::array& x, Elementwise::Kind kind, float cap, mx::StreamOrDevice s) {
+  check_f32(x, "native");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  auto xc = mx::contiguous(x, false, stream);
+  return mx::array(xc.shape(), mx::float32, std::make_shared<Elementwise>(stream, kind, cap), {xc});
+}
+
+mx::array softmax_rows(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.ndim() == 0) throw std::invalid_argument("softmax_rows: at least one dimension");
+  return elementwise(x, Elementwise::SOFTMAX, 0.0f, s);
+}
+
+mx::array softcap(const mx::array& x, float cap, mx::StreamOrDevice s) {
+  if (!(cap > 0.0f)) throw std::invalid_argument("softcap: cap must be positive");
+  return elementwise(x, Elementwise::SOFTCAP, cap, s);
+}
+
+mx::array gelu_tanh(const mx::array& x, mx::StreamOrDevice s) {
+  return elementwise(x, Elementwise::GELU, 0.0f, s);
+}
+
+std::vector<mx::array> vocab_pass(
+    const mx::array& logits,
+    const mx::array& temps,
+    const mx::array& noise,
+    float cap,
+    bool uniform,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  if (logits.ndim() != 2 || noise.shape() != logits.shape() || temps.ndim() != 1 ||
+      temps.shape()[0] != logits.shape()[0])
+    throw std::invalid_argument("vocab_pass: logits (R, V), temps (R,), noise (R, V)");
+  check_f32(logits, "vocab_pass logits");
+  check_f32(temps, "vocab_pass temps");
+  check_f32(noise, "vocab_pass noise");
+  std::vector<mx::array> in = {
+      mx::contiguous(logits, false, stream), mx::contiguous(temps, false, stream),
+      mx::contiguous(noise, false, stream)};
+  int r = logits.shape()[0];
+  return mx::array::make_arrays(
+      {logits.shape(), {r}, {r}, {r}},
+      {mx::float32, mx::float32, mx::uint32, mx::uint32},
+      std::make_shared<VocabPass>(stream, cap, uniform),
+      in);
+}
+
+mx::array experts(
+    const mx::array& x,
+    const mx::array& idx,
+    const mx::array& w,
+    const mx::array& gate_up,
+    const mx::array& down,
+    mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  if (x.ndim() != 2 || idx.ndim() != 2 || w.shape() != idx.shape() || idx.shape()[0] != x.shape()[0] ||
+      gate_up.ndim() != 3 || down.ndim() != 3 || gate_up.shape()[2] != x.shape()[1] ||
+      down.shape()[0] != gate_up.shape()[0] || down.shape()[1] != x.shape()[1] ||
+      gate_up.shape()[1] != 2 * down.shape()[2])
+    throw std::invalid_argument("experts: x (N, H), idx and w (N, k), gate_up (E, 2I, H), down (E, H, I)");
+  for (const auto* a : {&x, &w, &gate_up, &down}) check_f32(*a, "experts");
+  if (idx.dtype() != mx::uint32 && idx.dtype() != mx::int32)
+    throw std::invalid_argument("experts: integer expert ids expected");
+  std::vector<mx::array> in = {
+      mx::contiguous(x, false, stream),
+      mx::contiguous(mx::astype(idx, mx::uint32, stream), false, stream),
+      mx::contiguous(w, false, stream),
+      mx::contiguous(gate_up, false, stream),
+      mx::contiguous(down, false, stream)};
+  return mx::array(x.shape(), mx::float32, std::make_shared<Experts>(stream), in);
+}
+
+mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  for (const auto* a : {&x, &cos, &sin}) check_f32(*a, "rope");
+  if (x.ndim() != 4 || x.shape()[3] % 2 != 0 || cos.shape() != sin.shape() || cos.shape().back() != x.shape()[3] / 2 ||
+      !((cos.ndim() == 2 && cos.shape()[0] == x.shape()[1]) ||
+        (cos.ndim() == 3 && cos.shape()[0] == x.shape()[0] && cos.shape()[1] == x.shape()[1])))
+    throw std::invalid_argument("rope: x (B, L, H, D) with D even, cos and sin (L, D/2) or (B, L, D/2)");
+  mx::Shape out = {x.shape()[0], x.shape()[2], x.shape()[1], x.shape()[3]};
+  return mx::array(
+      out,
+      mx::float32,
+      std::make_shared<Rope>(stream),
+      {mx::contiguous(x, false, stream), mx::contiguous(cos, false, stream), mx::contiguous(sin, false, stream)});
+}
+
+mx::array uniform(const mx::array& key, const std::vector<int>& dims, float low, float high, mx::StreamOrDevice s) {
+  mx::Shape shape(dims.begin(), dims.end());
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  if (key.dtype() != mx::uint32 || key.shape() != mx::Shape{2})
+    throw std::invalid_argument("uniform: a key is a uint32 array of shape (2,)");
+  int64_t n = 1;
+  for (auto d : shape) {
+    if (d < 0) throw std::invalid_argument("uniform: negative dimension");
+    n *= d;
+  }
+  if (n >= (int64_t{1} << 32)) throw std::invalid_argument("uniform: at most 2^32 numbers per key");
+  if (!(low < high)) throw std::invalid_argument("uniform: low must be below high");
+  return mx::array(shape, mx::float32, std::make_shared<Uniform>(stream, low, high), {mx::contiguous(key, false, stream)});
+}
+
+}  // namespace
+
+NB_MODULE(_native, m) {
+  m.doc() = "mlx-diffgemma's native CPU kernels (see cpu_ops.cpp)";
+  m.attr("DIGEST") = NATIVE_DIGEST;
+  m.def("threads", &max_threads);
+  m.def("softmax_rows", &softmax_rows, "x"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("softcap", &softcap, "x"_a, "cap"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("gelu_tanh", &gelu_tanh, "x"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("experts", &experts, "x"_a, "idx"_a, "w"_a, "gate_up"_a, "down"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("rope", &rope, "x"_a, "cos"_a, "sin"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("uniform", &uniform, "key"_a, "shape"_a, "low"_a, "high"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def(
+      "vocab_pass",
+      &vocab_pass,
+      "logits"_a,
+      "temps"_a,
+      "noise"_a,
+      "cap"_a,
+      "uniform"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+}
