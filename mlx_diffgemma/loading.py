@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import memory
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .model import Model, our_name
 
@@ -180,6 +181,7 @@ def load_model(path: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool
     model.eval()
     if not lazy:
         mx.eval(model.parameters())
+    memory.keep_step_buffers()
     model.generation_config = GenerationConfig.from_file(path / "generation_config.json", config.text_config)
     return model
 

@@ -490,7 +490,11 @@ class Elementwise : public CpuOnly {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
+    if (x.is_donatable() && x.flags().row_contiguous && x.data_size() == x.size()) {
+      y.copy_shared_buffer(x);  // in place: nothing else holds x (attention's scores), no new allocation
+    } else {
+      y.set_data(mx::allocator::malloc(y.nbytes()));
+    }
     auto& enc = mx::cpu::get_command_encoder(stream());
     enc.set_input_array(x);
     enc.set_output_array(y);
