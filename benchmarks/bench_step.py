@@ -63,6 +63,21 @@ def build(path: Path) -> Path:
 
 
 # ---- engines: load(path); run(prefix_ids, steps) -> seconds per counted step ---------------------------------------
+# Each MLX engine runs with the MLX buffer-cache limit its users get: MLX's default on the CPU (32 MB) for mlx-vlm,
+# the 1 GiB mlx-diffgemma's load sets (memory.keep_step_buffers) for ours; the limit is process-wide, so it is set
+# before each engine's round. --same-cache runs both with ours.
+
+
+def cache_limit() -> int:
+    """MLX's buffer-cache limit now (bytes)."""
+    import mlx.core as mx
+
+    limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(limit)
+    return limit
+
+
+MLX_DEFAULT_CACHE: int | None = None  # read before any engine loads
 
 
 class Ours:
@@ -72,6 +87,7 @@ class Ours:
         from mlx_diffgemma import load
 
         self.model, _ = load(path)
+        self.cache = cache_limit()
 
     def run(self, ids: np.ndarray, steps: int) -> list[float]:
         import mlx.core as mx
@@ -109,6 +125,7 @@ class MlxVlm:
 
         self.model = load_model(path)
         self.version = __import__("mlx_vlm").__version__
+        self.cache = MLX_DEFAULT_CACHE
 
     def _prefill(self, ids):
         import mlx.core as mx
@@ -320,6 +337,14 @@ def child(engine: str, path: Path, prefix: int) -> None:
     print(json.dumps({"peak_above_load": max(_status("VmHWM") - base, 0)}))
 
 
+def _use_cache(engine) -> None:
+    if getattr(engine, "cache", None) is not None:
+        import mlx.core as mx
+
+        mx.clear_cache()
+        mx.set_cache_limit(engine.cache)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefix", type=int, nargs="+", default=[256, 2048, 8192])
@@ -328,6 +353,7 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "mlx-diffgemma-bench")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--same-cache", action="store_true", help="every MLX engine with mlx-diffgemma's cache limit")
     ap.add_argument("--memory-only", action="store_true")
     ap.add_argument("--child", nargs=2, metavar=("ENGINE", "PREFIX"), help=argparse.SUPPRESS)
     ap.add_argument("--serve", metavar="ENGINE", help=argparse.SUPPRESS)
@@ -340,13 +366,21 @@ def main() -> None:
 
     if args.memory_only:
         return memory_table(args, [ENGINES[n] for n in args.engines])
+    global MLX_DEFAULT_CACHE
+    MLX_DEFAULT_CACHE = cache_limit()
     engines = [Isolated(n, path, args.workdir) if n in ISOLATED else ENGINES[n](path) for n in args.engines]
+    if args.same_cache:
+        for e in engines:
+            if getattr(e, "cache", None) is not None:
+                e.cache = max(x.cache for x in engines if getattr(x, "cache", None) is not None)
+    caches = ", ".join(f"{e.name} {e.cache >> 20} MB" for e in engines if getattr(e, "cache", None) is not None)
     machine = f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores"
     print(f"# {time.strftime('%Y-%m-%d')} · {machine} · {versions()}")
     apart = [e.name for e in engines if isinstance(e, Isolated)]
     if apart:
         print(f"# {', '.join(apart)} in a process of its own, without LD_PRELOAD (torch's own BLAS)")
     print(f"# {' '.join(sys.argv)}")
+    print(f"# MLX buffer-cache limit per engine: {caches}")
     header = " | ".join(f"{e.name} steps/s (min-median)" for e in engines)
     print(f"| prefix | {header} | " + " | ".join(f"ours / {e.name}" for e in engines[1:]) + " |")
     print("|---|" + "---|" * (2 * len(engines) - 1))
@@ -362,9 +396,11 @@ def main() -> None:
         ids = rng.integers(0, TEXT["vocab_size"], (1, prefix))
         rates: dict[str, list[float]] = {e.name: [] for e in engines}
         for e in engines:  # warm-up (compilation, allocation)
+            _use_cache(e)
             e.run(ids, 1)
         for _ in range(args.rounds):
             for e in engines:
+                _use_cache(e)
                 times = e.run(ids, args.steps)
                 rates[e.name].append(len(times) / sum(times))
         med = {n: statistics.median(r) for n, r in rates.items()}
