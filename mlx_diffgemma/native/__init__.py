@@ -5,10 +5,10 @@ MLX's CPU backend evaluates a stream's elementwise operations on one thread, and
 math (an exp costs about 26 ns): with the matrix products in BLAS, the softmaxes, the final softcap and the
 sampler's pass over the vocabulary became most of a denoising step on the CPU. The module is compiled on the
 machine that runs it (`python -m mlx_diffgemma.native build`, which `make setup` runs on Linux: CMake, a C++20
-compiler and nanobind of MLX's ABI) into a cache folder named by a digest of its sources and the MLX version, so a
-changed source or another MLX never loads a stale build. Where it is not built, fails its self-check, runs on a
-GPU stream, or MLX_DIFFGEMMA_NATIVE=0, every op below is its pure-MLX reference (fastmath.py's, the same
-polynomials), which is also what tests/test_native.py compares the kernels with.
+compiler and nanobind of MLX's ABI) into a cache folder named by a digest of its sources and the MLX installation,
+so a changed source, another MLX or another environment never loads a stale build. Where it is not built, fails
+its self-check, runs on a GPU stream, or MLX_DIFFGEMMA_NATIVE=0, every op below is its pure-MLX reference
+(fastmath.py's, the same polynomials), which is also what tests/test_native.py compares the kernels with.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ _SAID = False
 
 
 def digest() -> str:
-    """What a build is for: the sources' digest and the MLX version it compiles against."""
+    """What a build is for: the sources, and the MLX installation (version and folder) it compiles and links
+    against; another virtual environment gets a build of its own."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((HERE / name).read_bytes())
+    h.update(str(Path(mx.__file__).resolve().parent).encode())
     return f"{h.hexdigest()[:16]}-mlx{mx.__version__}"
 
 
