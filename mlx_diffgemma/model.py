@@ -266,15 +266,20 @@ def expert_path() -> str:
     """How the experts run: "gather" (gather_mm / gather_qmm over the chosen experts: the GPU's path),
     "segments" (tokens sorted by expert, one matmul per expert over its own rows, the counts read on the host: the
     CPU's path, where gather_mm is slow and float32-only), "native" (the segments' arithmetic in one native CPU
-    primitive, native/cpu_ops.cpp: no host read; float32 weights, GELU-tanh gating, inference only; elsewhere the
-    segments), or "dense" (every expert on every token, weighted: the simplest, kept as a check). Same numbers
-    each way; MLX_DIFFGEMMA_EXPERTS=dense|gather|segments|native overrides."""
+    primitive, native/cpu_ops.cpp: no host read; float32 weights and GELU-tanh gating, else the segments), or
+    "dense" (every expert on every token, weighted: the simplest, kept as a check). Same numbers each way;
+    MLX_DIFFGEMMA_EXPERTS=dense|gather|segments|native overrides."""
     forced = os.environ.get("MLX_DIFFGEMMA_EXPERTS")
     if forced in ("dense", "gather", "segments", "native"):
         return forced
     if mx.default_device() == mx.gpu:
         return "gather"
     return "native" if native.available() else "segments"
+
+
+def _weighted(y: mx.array, w: mx.array) -> mx.array:
+    """The experts' outputs (N * k, H), one per (token, slot), summed per token with the weights w (N, k)."""
+    return (y.reshape(*w.shape, -1) * w[..., None]).sum(axis=1)
 
 
 class Experts(nn.Module):
@@ -295,7 +300,6 @@ class Experts(nn.Module):
 
     def __call__(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """x (N, H), idx (N, k) expert ids, w (N, k) float32 weights -> (N, H)."""
-        N, k = idx.shape
         path = expert_path()
         if path == "dense" and isinstance(self.gate_up_proj, SwitchLinear):
             y = self.down_proj.dense(self._glu(self.gate_up_proj.dense(x)))  # (E, N, H)
@@ -308,14 +312,13 @@ class Experts(nn.Module):
             y = self._segments(x, idx)
         else:
             y = self._gather(x, idx)
-        return (y.reshape(N, k, -1) * w[..., None]).sum(axis=1).astype(x.dtype)
+        return _weighted(y, w).astype(x.dtype)
 
     def _native(self, x: mx.array, idx: mx.array, w: mx.array) -> mx.array:
         """The native primitive, its derivative that of the segments path over the same weights."""
 
         def reference(x, w, gate_up, down):
-            y = self._segments(x, idx, gate_up, down)
-            return (y.reshape(*idx.shape, -1) * w[..., None]).sum(axis=1)
+            return _weighted(self._segments(x, idx, gate_up, down), w)
 
         @mx.custom_function
         def fn(x, w, gate_up, down):

@@ -151,15 +151,15 @@ def uniform(key: mx.array, shape: tuple[int, ...], low: float, high: float) -> m
 def vocab_pass(
     logits: mx.array, temps: mx.array, noise: mx.array, cap: float, uniform: bool
 ) -> tuple[mx.array, mx.array, mx.array, mx.array]:
-    """The sampler's pass over the vocabulary, rows (R, V): y = softcap(logits, cap) / temps (cap 0: none), and
-    softmax(y), its entropy, argmax(y) and argmax(y + G), G = noise or, when `uniform`, -log(-log(noise)).
+    """The sampler's pass over the vocabulary, rows (R, V) at temperatures (R,): y = softcap(logits, cap) / temps
+    (cap 0: none), and softmax(y), its entropy, argmax(y) and argmax(y + G), G = noise or, when `uniform`,
+    -log(-log(noise)).
     Returns (probs (R, V) float32, entropy (R,) float32, argmax (R,) uint32, sample (R,) uint32)."""
-    R = logits.shape[0]
-    temps = mx.broadcast_to(temps.astype(mx.float32).reshape(-1), (R,)) if temps.size == 1 else temps
-    probs, h, am, sm = module().vocab_pass(
-        logits.astype(mx.float32), temps.astype(mx.float32).reshape(R), noise.astype(mx.float32), float(cap), uniform
+    return tuple(
+        module().vocab_pass(
+            logits.astype(mx.float32), temps.astype(mx.float32), noise.astype(mx.float32), float(cap), uniform
+        )
     )
-    return probs, h, am, sm
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -475,11 +475,30 @@ void check_f32(const mx::array& a, const char* what) {
   if (a.dtype() != mx::float32) throw std::invalid_argument(std::string(what) + ": float32 input expected");
 }
 
+mx::Stream cpu_stream(mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  return stream;
+}
+
 class CpuOnly : public mx::Primitive {
  public:
   using mx::Primitive::Primitive;
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("mlx_diffgemma native kernels run on the CPU only");
+  }
+
+ protected:
+  // Allocates each output that has no buffer yet (one that took its input's, in place, keeps it) and registers
+  // the arrays with the stream's encoder, which it returns for the dispatch.
+  mx::cpu::CommandEncoder& encoder(const std::vector<mx::array>& in, std::vector<mx::array>& out) {
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    for (auto& o : out) {
+      if (o.data_shared_ptr() == nullptr) o.set_data(mx::allocator::malloc(o.nbytes()));
+      enc.set_output_array(o);
+    }
+    return enc;
   }
 };
 
@@ -490,14 +509,9 @@ class Elementwise : public CpuOnly {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
     auto& y = out[0];
-    if (x.is_donatable() && x.flags().row_contiguous && x.data_size() == x.size()) {
+    if (x.is_donatable() && x.flags().row_contiguous && x.data_size() == x.size())
       y.copy_shared_buffer(x);  // in place: nothing else holds x (attention's scores), no new allocation
-    } else {
-      y.set_data(mx::allocator::malloc(y.nbytes()));
-    }
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(x);
-    enc.set_output_array(y);
+    auto& enc = encoder(in, out);
     int64_t n = x.shape().empty() ? 1 : x.shape().back();
     int64_t rows = n == 0 ? 0 : static_cast<int64_t>(x.size()) / n;
     enc.dispatch([xp = x.data<float>(), yp = y.data<float>(), n, rows, kind = kind_, cap = cap_]() {
@@ -539,10 +553,7 @@ class VocabPass : public CpuOnly {
   VocabPass(mx::Stream s, float cap, bool uniform) : CpuOnly(s), cap_(cap), uniform_(uniform) {}
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto &x = in[0], &temps = in[1], &noise = in[2];
-    for (auto& o : out) o.set_data(mx::allocator::malloc(o.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    for (auto& o : out) enc.set_output_array(o);
+    auto& enc = encoder(in, out);
     int64_t n = x.shape().back(), rows = x.shape()[0];
     enc.dispatch([xp = x.data<float>(),
                   tp = temps.data<float>(),
@@ -585,10 +596,7 @@ class Experts : public CpuOnly {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto &x = in[0], &idx = in[1], &w = in[2], &gu = in[3], &dn = in[4];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(in, out);
     enc.dispatch([xp = x.data<float>(), ip = idx.data<uint32_t>(), wp = w.data<float>(), gp = gu.data<float>(),
                   dp = dn.data<float>(), yp = y.data<float>(), N = static_cast<int64_t>(x.shape()[0]),
                   k = static_cast<int64_t>(idx.shape()[1]), E = static_cast<int64_t>(gu.shape()[0]),
@@ -610,10 +618,7 @@ class Rope : public CpuOnly {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto &x = in[0], &c = in[1], &sn = in[2];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : in) enc.set_input_array(a);
-    enc.set_output_array(y);
+    auto& enc = encoder(in, out);
     enc.dispatch([xp = x.data<float>(), cp = c.data<float>(), sp = sn.data<float>(), yp = y.data<float>(),
                   B = static_cast<int64_t>(x.shape()[0]), L = static_cast<int64_t>(x.shape()[1]),
                   H = static_cast<int64_t>(x.shape()[2]), D = static_cast<int64_t>(x.shape()[3]),
@@ -654,10 +659,7 @@ class Uniform : public CpuOnly {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& key = in[0];
     auto& y = out[0];
-    y.set_data(mx::allocator::malloc(y.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.set_input_array(key);
-    enc.set_output_array(y);
+    auto& enc = encoder(in, out);
     enc.dispatch([kp = key.data<uint32_t>(), yp = y.data<float>(), n = static_cast<int64_t>(y.size()), low = low_,
                   high = high_]() {
       uint32_t k0 = kp[0], k1 = kp[1];
@@ -689,8 +691,7 @@ class Uniform : public CpuOnly {
 
 mx::array elementwise(const mx::array& x, Elementwise::Kind kind, float cap, mx::StreamOrDevice s) {
   check_f32(x, "native");
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  auto stream = cpu_stream(s);
   auto xc = mx::contiguous(x, false, stream);
   return mx::array(xc.shape(), mx::float32, std::make_shared<Elementwise>(stream, kind, cap), {xc});
 }
@@ -716,8 +717,7 @@ std::vector<mx::array> vocab_pass(
     float cap,
     bool uniform,
     mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  auto stream = cpu_stream(s);
   if (logits.ndim() != 2 || noise.shape() != logits.shape() || temps.ndim() != 1 ||
       temps.shape()[0] != logits.shape()[0])
     throw std::invalid_argument("vocab_pass: logits (R, V), temps (R,), noise (R, V)");
@@ -742,8 +742,7 @@ mx::array experts(
     const mx::array& gate_up,
     const mx::array& down,
     mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  auto stream = cpu_stream(s);
   if (x.ndim() != 2 || idx.ndim() != 2 || w.shape() != idx.shape() || idx.shape()[0] != x.shape()[0] ||
       gate_up.ndim() != 3 || down.ndim() != 3 || gate_up.shape()[2] != x.shape()[1] ||
       down.shape()[0] != gate_up.shape()[0] || down.shape()[1] != x.shape()[1] ||
@@ -762,8 +761,7 @@ mx::array experts(
 }
 
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, mx::StreamOrDevice s) {
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  auto stream = cpu_stream(s);
   for (const auto* a : {&x, &cos, &sin}) check_f32(*a, "rope");
   if (x.ndim() != 4 || x.shape()[3] % 2 != 0 || cos.shape() != sin.shape() || cos.shape().back() != x.shape()[3] / 2 ||
       !((cos.ndim() == 2 && cos.shape()[0] == x.shape()[1]) ||
@@ -779,8 +777,7 @@ mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, m
 
 mx::array uniform(const mx::array& key, const std::vector<int>& dims, float low, float high, mx::StreamOrDevice s) {
   mx::Shape shape(dims.begin(), dims.end());
-  auto stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) throw std::invalid_argument("native kernels run on the CPU stream only");
+  auto stream = cpu_stream(s);
   if (key.dtype() != mx::uint32 || key.shape() != mx::Shape{2})
     throw std::invalid_argument("uniform: a key is a uint32 array of shape (2,)");
   int64_t n = 1;
