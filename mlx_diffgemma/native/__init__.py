@@ -17,6 +17,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -33,13 +34,27 @@ _STATE: str | None = None  # "ok", or why the kernels are not in use
 _SAID = False
 
 
+def _cpu() -> str:
+    """The instruction sets the build may use (it is compiled for the building CPU): the CPU's flags on Linux, the
+    machine type elsewhere. A cache folder shared between machines (a network home) then holds a build per CPU,
+    and one never loads on a CPU that lacks its instructions (which would kill the process)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
 def digest() -> str:
-    """What a build is for: the sources, and the MLX installation (version and folder) it compiles and links
-    against; another virtual environment gets a build of its own."""
+    """What a build is for: the sources, the MLX installation (version and folder) it compiles and links against
+    (another virtual environment gets a build of its own) and the CPU's instruction sets."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((HERE / name).read_bytes())
     h.update(str(Path(mx.__file__).resolve().parent).encode())
+    h.update(_cpu().encode())
     return f"{h.hexdigest()[:16]}-mlx{mx.__version__}"
 
 
