@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
-from . import accounting, native, streams
+from . import accounting, memory, native, streams
 from .generate import _make_split_step_fn, _make_step_fn, generate_step, prefill, settings
 from .model import Model
 
@@ -60,6 +60,8 @@ def component_times(model: Model, prefix: int, seed: int = 0) -> dict[str, float
     cache = model.make_cache()
     prefill(model, mx.random.randint(0, V, (1, prefix), key=key), cache)
     cache.materialize()
+    if memory.stale_buffers():  # as generation does after the prompt
+        mx.clear_cache()
     canvas = mx.random.randint(0, V, (1, C), key=mx.random.split(key)[0])
     # as generation runs it: with the native kernels the sampler applies the final softcap to the raw logits
     cap = (model.args.final_logit_softcapping or 0.0) if native.available() else 0.0
