@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import native, sampling, streams
+from . import memory, native, sampling, streams
 from .cache import FullAttentionCache, PromptCache, join_rows, subset
 from .config import GenerationConfig
 from .generate import Commit, Step, _check_context, _fast_block, check_ids, fused, partial_steps, prefill
@@ -149,6 +149,7 @@ class Batch:
             for r in self.rows:
                 r.pending = None
         if not self.waiting:
+            self._drop_stale_buffers()
             return
         caches, starts = ([self.cache], [mx.array(self.start)]) if self.rows else ([], [])
         for r in self.waiting:
@@ -159,6 +160,13 @@ class Batch:
         self.start = start.tolist()
         self.rows += self.waiting
         self.waiting = []
+        self._drop_stale_buffers()
+
+    def _drop_stale_buffers(self) -> None:
+        """As generate_step after an encoding: empty MLX's CPU buffer cache when over half full (memory.py)."""
+        if self.cache is not None and memory.stale_buffers():
+            self.cache.materialize()
+            mx.clear_cache()
 
     def _prompt_cache(self, req: Request) -> PromptCache:
         """The request's prompt encoded alone, from a stored head where one matches (and its own head stored)."""

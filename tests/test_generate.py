@@ -111,3 +111,36 @@ def test_generation_is_the_same_with_one_stream_or_two(model, monkeypatch):
             assert mx.array_equal(a.draft, b.draft) and mx.array_equal(a.settled, b.settled)
         else:
             assert a == b
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="MLX's CPU allocator")
+def test_a_buffer_cache_full_of_stale_buffers_is_reported_and_the_limit_kept():
+    from mlx_diffgemma import memory
+
+    previous = mx.set_cache_limit(16 << 20)
+    try:
+        mx.clear_cache()
+        assert not memory.stale_buffers()
+        a = mx.zeros((3 << 20,))  # 12 MB, over half the limit once freed into the cache
+        mx.eval(a)
+        del a
+        assert mx.get_cache_memory() >= 12 << 20
+        assert memory.stale_buffers()
+        assert mx.get_cache_memory() >= 12 << 20  # asking frees nothing
+        assert mx.set_cache_limit(16 << 20) == 16 << 20  # nor changes the limit
+    finally:
+        mx.set_cache_limit(previous)
+        mx.clear_cache()
+
+
+def test_stale_buffers_are_dropped_after_each_encoding_and_the_output_is_the_same(model, monkeypatch):
+    """generate_step empties the buffer cache after the prompt's and each commit's encoding when it is crowded;
+    what it generates does not change."""
+    from mlx_diffgemma import memory
+
+    expected = tokens(run(model, seed=4, max_tokens=40))
+    cleared = []
+    monkeypatch.setattr(memory, "stale_buffers", lambda: True)
+    monkeypatch.setattr(mx, "clear_cache", lambda: cleared.append(1))
+    assert tokens(run(model, seed=4, max_tokens=40)) == expected
+    assert len(cleared) == 3  # the prompt, then the commits of blocks 0 and 1 before blocks 1 and 2
