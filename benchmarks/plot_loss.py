@@ -1,6 +1,6 @@
 """Plot a training run's loss curve (from its checkpoint's trainer/state.json) to a PNG. Needs matplotlib.
 
-    python benchmarks/plot_loss.py mlx_diffgemma/demo/model benchmarks/demo_loss.png
+python benchmarks/plot_loss.py mlx_diffgemma/demo/model benchmarks/demo_loss.png
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(run: Path, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for values, label in ((total, "total"), (canvas, "canvas (block diffusion)"), (encoder, "encoder (next token)")):
         s = smooth(values)
-        ax.plot(step[len(step) - len(s):], s, label=label)
+        ax.plot(step[len(step) - len(s) :], s, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (moving average of 25 steps)")

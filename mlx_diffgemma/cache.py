@@ -180,6 +180,7 @@ def context_source(context: KV | None) -> KVSource:
             return k, v
         return mx.concatenate([context[0], k], axis=2), mx.concatenate([context[1], v], axis=2)
 
+    read.context = context  # for an attention that reads the two parts without joining them (model.Attention)
     return read
 
 

@@ -53,6 +53,36 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     return (probs @ v).reshape(B, Hq, L, -1)
 
 
+NATIVE_ATTENTION_KEYS = 1024  # keys from which the native attention runs (below, the matmuls are as fast)
+
+
+@mx.custom_function
+def _native_attention(q: mx.array, k1: mx.array, v1: mx.array, k2: mx.array, v2: mx.array) -> mx.array:
+    """native.attention with the derivative of `attention` over the joined keys (training through a context)."""
+    return native.attention(q, k1, v1, k2, v2)
+
+
+@_native_attention.vjp
+def _native_attention_vjp(primals, cotangent, output):
+    def reference(q, k1, v1, k2, v2):
+        return attention(q, mx.concatenate([k1, k2], axis=2), mx.concatenate([v1, v2], axis=2), None)
+
+    return tuple(mx.vjp(reference, list(primals), [cotangent])[1])
+
+
+def _native_attention_runs(q: mx.array, kv: KVSource, k: mx.array, mask: Mask) -> bool:
+    """Whether the native attention computes this call: no mask, a KV source that joins a fixed context to the
+    new keys (denoising's), float32, on the CPU with the kernels built, and enough keys for it to pay."""
+    context = getattr(kv, "context", None)
+    return (
+        mask is None
+        and context is not None
+        and native.available()
+        and context[0].shape[2] + k.shape[2] >= NATIVE_ATTENTION_KEYS
+        and all(a.dtype == mx.float32 for a in (q, k, *context))
+    )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float):
         super().__init__()
@@ -151,8 +181,11 @@ class Attention(nn.Module):
             q = self._rope(q.transpose(0, 2, 1, 3), offset)  # (B, heads, L, hd)
             k = self._rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)  # (B, kv_heads, L, hd)
         v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no scale
-        keys, values = kv(k, v)  # (B, kv_heads, S, hd)
-        o = attention(q, keys, values, mask)
+        if _native_attention_runs(q, kv, k, mask):  # the cache's keys read in place, not joined to the new ones
+            o = _native_attention(q, kv.context[0], kv.context[1], k, v)
+        else:
+            keys, values = kv(k, v)  # (B, kv_heads, S, hd)
+            o = attention(q, keys, values, mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

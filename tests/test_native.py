@@ -139,6 +139,68 @@ def test_experts_are_the_segments_bit_for_bit(checkpoint, monkeypatch):
     assert E > 2 and mx.array_equal(out["native"], out["segments"])
 
 
+@pytest.mark.parametrize(
+    "B, Hk, G, L, S1, D, Dv", [(1, 2, 4, 33, 300, 64, 64), (2, 3, 1, 17, 40, 16, 24), (1, 1, 2, 9, 0, 8, 8)]
+)
+def test_attention_over_a_cache_view_is_the_joined_attention(B, Hk, G, L, S1, D, Dv):
+    """native.attention reads the cached part where it lies (a view of a larger buffer) and gives attention over
+    the joined keys, to float32 rounding (the products over the two parts are summed in another order)."""
+    from mlx_diffgemma.model import attention
+
+    keys = iter(mx.random.split(mx.random.key(11), 5))
+    q = mx.random.normal((B, Hk * G, L, D), key=next(keys)) * 0.3
+    k1 = mx.random.normal((B, Hk, S1 + 50, D), key=next(keys))[:, :, :S1]  # a cache holding spare slots
+    v1 = mx.random.normal((B, Hk, S1 + 50, Dv), key=next(keys))[:, :, :S1]
+    k2 = mx.random.normal((B, Hk, L, D), key=next(keys))
+    v2 = mx.random.normal((B, Hk, L, Dv), key=next(keys))
+    want = attention(q, mx.concatenate([k1, k2], axis=2), mx.concatenate([v1, v2], axis=2), None)
+    got = native.attention(q, k1, v1, k2, v2)
+    assert got.shape == (B, Hk * G, L, Dv)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+    # the queries' own values as a transposed view, not yet evaluated (as the model gives them): copied to rows
+    v2t = (v2.transpose(0, 2, 1, 3) + 0).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(np.array(native.attention(q, k1, v1, k2, v2t)), np.array(got), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="attention"):
+        native.attention(q, k1, v1, mx.concatenate([k2, k2], 1), mx.concatenate([v2, v2], 1))  # other head counts
+
+
+def test_denoising_through_the_native_attention(checkpoint, monkeypatch):
+    """A denoising step with every layer's attention through the native kernel (its key threshold lowered)
+    against the matmul path: the same logits to float32 rounding; and gradients through it as the reference's."""
+    from mlx_diffgemma import model as model_module
+    from mlx_diffgemma.generate import prefill
+
+    model = load(checkpoint("basic"))[0]
+    cache = model.make_cache()
+    prefill(model, mx.random.randint(3, model.args.vocab_size, (1, 40), key=mx.random.key(12)), cache)
+    canvas = mx.random.randint(3, model.args.vocab_size, (1, model.canvas_length), key=mx.random.key(13))
+    calls = []
+    original = model_module._native_attention
+    monkeypatch.setattr(model_module, "_native_attention", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(model_module, "NATIVE_ATTENTION_KEYS", 10**9)
+    want = model.denoise(canvas, cache)
+    assert not calls
+    monkeypatch.setattr(model_module, "NATIVE_ATTENTION_KEYS", 1)
+    got = model.denoise(canvas, cache)
+    assert len(calls) == len(model.layers)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+
+    q, k1, v1, k2, v2 = (mx.random.normal(s, key=mx.random.key(i)) for i, s in enumerate(
+        [(1, 4, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8), (1, 2, 5, 8), (1, 2, 5, 8)]))  # fmt: skip
+
+    def joined(*a):
+        return (model_module.attention(a[0], mx.concatenate(a[1:4:2], 2), mx.concatenate(a[2:5:2], 2), None) ** 2).sum()
+
+    def through_kernel(*a):
+        return (original(*a) ** 2).sum()
+
+    args = [q, k1, v1, k2, v2]
+    for g, ref in zip(
+        mx.grad(through_kernel, argnums=list(range(5)))(*args), mx.grad(joined, argnums=list(range(5)))(*args)
+    ):
+        np.testing.assert_allclose(np.array(g), np.array(ref), rtol=1e-4, atol=1e-5)
+
+
 def test_the_demo_answers_the_same_with_the_kernels_off(monkeypatch):
     """Generation through the kernels against the pure-MLX path on the trained demo model, same seeds: the same
     answers (the kernels' last-bit differences do not flip a sampled token of a model this sure)."""

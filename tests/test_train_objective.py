@@ -57,7 +57,9 @@ def test_loss_and_gradients_match_transformers(checkpoint, reweight, encoder_wei
             g = np.array(grads[name])
             want = ref.get_parameter(hf_name(name)).grad.numpy()
             scale = np.abs(want).max()
-            assert scale > 0 and np.abs(g - want).max() <= 2e-4 * scale, (name, np.abs(g - want).max(), scale)
+            # float32 rounding through the loss of a random (chaotic) model: up to 1.8e-4 of the scale with MLX's
+            # bundled BLAS, 2.2e-4 with OpenBLAS's Zen kernels (2e-4 was exceeded there); a wrong gradient is O(1)
+            assert scale > 0 and np.abs(g - want).max() <= 5e-4 * scale, (name, np.abs(g - want).max(), scale)
 
 
 def test_gradients_reach_the_encoder_through_the_kv(checkpoint):

@@ -153,6 +153,13 @@ def experts(x: mx.array, idx: mx.array, w: mx.array, gate_up: mx.array, down: mx
     return module().experts(x, idx, w.astype(mx.float32), gate_up, down)
 
 
+def attention(q: mx.array, k1: mx.array, v1: mx.array, k2: mx.array, v2: mx.array) -> mx.array:
+    """softmax(q [k1; k2]^T) [v1; v2], scale 1, no mask, float32: q (B, Hq, L, D) over cached keys and values
+    k1, v1 (B, Hk, S1, D | Dv) and the queries' own k2, v2 (B, Hk, S2, D | Dv) -> (B, Hq, L, Dv); the keys are
+    not joined (a cache's view of its first S1 positions is read in place)."""
+    return module().attention(q, k1, v1, k2, v2)
+
+
 def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Rotary embedding of x (B, L, H, D), returned as (B, H, L, D): halves form, cos/sin (L or B x L, D/2)."""
     return module().rope(x, cos, sin)
