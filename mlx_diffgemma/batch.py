@@ -149,7 +149,8 @@ class Batch:
             for r in self.rows:
                 r.pending = None
         if not self.waiting:
-            self._drop_stale_buffers()
+            if self.cache is not None:
+                memory.drop_stale_buffers(self.cache)  # as generate_step after an encoding
             return
         caches, starts = ([self.cache], [mx.array(self.start)]) if self.rows else ([], [])
         for r in self.waiting:
@@ -160,13 +161,7 @@ class Batch:
         self.start = start.tolist()
         self.rows += self.waiting
         self.waiting = []
-        self._drop_stale_buffers()
-
-    def _drop_stale_buffers(self) -> None:
-        """As generate_step after an encoding: empty MLX's CPU buffer cache when over half full (memory.py)."""
-        if self.cache is not None and memory.stale_buffers():
-            self.cache.materialize()
-            mx.clear_cache()
+        memory.drop_stale_buffers(self.cache)
 
     def _prompt_cache(self, req: Request) -> PromptCache:
         """The request's prompt encoded alone, from a stored head where one matches (and its own head stored)."""

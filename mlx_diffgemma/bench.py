@@ -60,8 +60,7 @@ def component_times(model: Model, prefix: int, seed: int = 0) -> dict[str, float
     cache = model.make_cache()
     prefill(model, mx.random.randint(0, V, (1, prefix), key=key), cache)
     cache.materialize()
-    if memory.stale_buffers():  # as generation does after the prompt
-        mx.clear_cache()
+    memory.drop_stale_buffers(cache)  # as generation does after the prompt
     canvas = mx.random.randint(0, V, (1, C), key=mx.random.split(key)[0])
     # as generation runs it: with the native kernels the sampler applies the final softcap to the raw logits
     cap = (model.args.final_logit_softcapping or 0.0) if native.available() else 0.0

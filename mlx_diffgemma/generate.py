@@ -258,9 +258,7 @@ def generate_step(
     for block in range(math.ceil(max_tokens / C)):
         if pending is not None:
             prefill(model, pending, cache)
-            if memory.stale_buffers():
-                cache.materialize()  # the encoding's own buffers freed first, then dropped with the rest
-                mx.clear_cache()
+            memory.drop_stale_buffers(cache)
         if noise is None:
             key, k_init = mx.random.split(key)
             canvas = sampling.random_canvas((1, C), V, key=k_init)

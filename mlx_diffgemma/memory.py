@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .cache import FullAttentionCache
+from .cache import FullAttentionCache, PromptCache
 from .config import TextConfig
 
 GB = 1e9
@@ -112,7 +112,7 @@ CPU_BUFFER_CACHE = 1 << 30  # bytes
 def stale_buffers() -> bool:
     """Whether MLX's CPU buffer cache is over half full, where the shapes a step allocates are about to change (a
     block's first step attends to 256 more keys than the last block's; a prompt's encoding leaves buffers shaped
-    for its own pieces): the caller then empties it (`mx.clear_cache()`). MLX's CPU allocator never evicts: once
+    for its own pieces): `drop_stale_buffers` then empties it. MLX's CPU allocator never evicts: once
     full of buffers no step asks for again, every buffer a step frees goes back to the OS and comes back page by
     page the next step (at a prefix of 8,192 after the prompt's encoding: 128,000 page faults, 1 s of system time
     per 1.9 s step on a 2-core Zen 3). Emptying costs one step's page faults. Always False on the GPU."""
@@ -121,6 +121,14 @@ def stale_buffers() -> bool:
     limit = mx.set_cache_limit(1 << 62)  # MLX has no getter: read by raising it, put back (nothing is freed)
     mx.set_cache_limit(limit)
     return mx.get_cache_memory() > limit // 2
+
+
+def drop_stale_buffers(cache: PromptCache) -> None:
+    """After an encoding into `cache` (a prompt, a block's commit): when `stale_buffers()`, evaluate the encoding
+    (its own buffers are freed first) and empty MLX's buffer cache."""
+    if stale_buffers():
+        cache.materialize()
+        mx.clear_cache()
 
 
 def keep_step_buffers() -> None:
