@@ -6,6 +6,7 @@ only strips prefixes. Shapes: B batch, L new tokens, S attended positions, C can
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -85,6 +86,33 @@ def _native_attention_runs(q: mx.array, kv: KVSource, k: mx.array, mask: Mask) -
     )
 
 
+@functools.cache
+def _native_rms_norm(eps: float, weighted: bool):
+    """native.rms_norm as a function of (x, weight) or (x,), with mx.fast.rms_norm's derivative."""
+
+    def reference(*a: mx.array) -> mx.array:
+        return mx.fast.rms_norm(a[0], a[1] if weighted else None, eps)
+
+    @mx.custom_function
+    def norm(*a: mx.array) -> mx.array:
+        return native.rms_norm(a[0], a[1] if weighted else None, eps)
+
+    @norm.vjp
+    def norm_vjp(primals, cotangent, output):
+        primals = [primals] if isinstance(primals, mx.array) else list(primals)  # one argument comes bare
+        return tuple(mx.vjp(reference, primals, [cotangent])[1])
+
+    return norm
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """mx.fast.rms_norm; on the CPU with the native kernels, float32, their version of it (the same numbers:
+    MLX's CPU form is several single-threaded passes, each row's sum one chain of additions)."""
+    if x.dtype == mx.float32 and (weight is None or weight.dtype == mx.float32) and native.available():
+        return _native_rms_norm(float(eps), weight is not None)(*((x,) if weight is None else (x, weight)))
+    return mx.fast.rms_norm(x, weight, eps)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dims: int, eps: float):
         super().__init__()
@@ -92,7 +120,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _rope_freqs(params: dict[str, Any], head_dim: int) -> mx.array:
@@ -182,7 +210,7 @@ class Attention(nn.Module):
         else:
             q = self._rope(q.transpose(0, 2, 1, 3), offset)  # (B, heads, L, hd)
             k = self._rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)  # (B, kv_heads, L, hd)
-        v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no scale
+        v = rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm has no scale
         if _native_attention_runs(q, kv, k, mask):  # the cache's keys read in place, not joined to the new ones
             own = getattr(kv, "own", None)  # a speed mode's partial step: the canvas's K/V, its fresh ones put in
             k2, v2 = own(k, v) if own is not None else (k, v)
@@ -216,7 +244,7 @@ class Router(nn.Module):
         self.top_k, self.eps, self.root = cfg.top_k_experts, cfg.rms_norm_eps, cfg.hidden_size**-0.5
 
     def __call__(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        h = mx.fast.rms_norm(x, None, self.eps) * self.scale * self.root
+        h = rms_norm(x, None, self.eps) * self.scale * self.root
         if not self.training and kernels.use_kernel("route"):  # inference: the fused kernel (no derivative)
             return kernels.route_kernel(self.proj(h).astype(mx.float32), self.per_expert_scale, self.top_k)
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)  # (N, E)
@@ -467,7 +495,7 @@ class SelfConditioning(nn.Module):
         if soft is not None:  # a zero signal contributes exactly zero (no biases, gelu(0) = 0)
             n = self.pre_norm(soft)
             embeds = embeds + self.down_proj(self.act(self.gate_proj(n)) * self.up_proj(n))
-        return mx.fast.rms_norm(embeds, None, self.eps)
+        return rms_norm(embeds, None, self.eps)
 
 
 def put_positions(base: mx.array, live: mx.array, values: mx.array, axis: int) -> mx.array:

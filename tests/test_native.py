@@ -1,6 +1,7 @@
 """The native CPU kernels (mlx_diffgemma/native/cpu_ops.cpp) against their pure-MLX references: each op on shapes
-with vector tails, masked rows and per-row offsets; the uniforms and the rotary embedding bit for bit with MLX's
-own; the experts bit for bit with the segments path; and the demo model's answers the same with the kernels off.
+with vector tails, masked rows and per-row offsets; the uniforms, the rotary embedding and the RMS norm bit for bit
+with MLX's own; the experts bit for bit with the segments path; and the demo model's answers the same with the
+kernels off.
 
 `make setup` builds them on Linux; there these tests require them to load (a failed build is a failure, not a
 skip). MLX_DIFFGEMMA_NATIVE=0 runs the suite on the references instead."""
@@ -123,6 +124,24 @@ def test_rope_is_mlx_s_bit_for_bit(checkpoint, reference):
             assert got.shape == (2, a.n_heads, 13, a.head_dim) and mx.array_equal(got, want)
 
 
+@pytest.mark.parametrize("shape", [(7, 512), (3, 5, 384), (2, 2816), (9, 1), (0, 16), (13, 100)])
+def test_rms_norm_is_mlx_s_bit_for_bit(shape, reference):
+    """native.rms_norm gives mx.fast.rms_norm's CPU numbers to the last bit: with and without a weight, a row
+    width with a vector tail and 1 / n inexact, a transposed view, and a temporary it may overwrite in place."""
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.normal(0, 3, shape).astype(np.float32))
+    w = mx.array(rng.normal(0, 1, shape[-1:]).astype(np.float32))
+    for weight in (w, None):
+        for eps in (1e-6, 1e-5):
+            want = reference(lambda wt=weight, e=eps: mx.fast.rms_norm(x, wt, e))
+            assert mx.array_equal(native.rms_norm(x, weight, eps), want), (shape, weight is None, eps)
+            assert mx.array_equal(native.rms_norm(x * 1, weight, eps), want)  # donated: written in place
+    t = mx.array(rng.normal(0, 1, (4, 6, 64)).astype(np.float32)).transpose(1, 0, 2)
+    assert mx.array_equal(native.rms_norm(t, None, 1e-6), reference(lambda: mx.fast.rms_norm(t, None, 1e-6)))
+    with pytest.raises(ValueError, match="rms_norm"):
+        native.rms_norm(x, mx.ones((shape[-1] + 1,)), 1e-6)
+
+
 def test_experts_are_the_segments_bit_for_bit(checkpoint, monkeypatch):
     """The native mixture of experts returns what the segments path returns, an expert left without tokens
     included."""
@@ -217,7 +236,7 @@ def test_the_demo_answers_the_same_with_the_kernels_off(monkeypatch):
 
 def test_the_kernels_differentiate_as_their_references(checkpoint, monkeypatch):
     """Training goes through the kernels too: the loss's gradients with them equal those of the references
-    (rope: mx.fast.rope's; experts: the segments path's) to float32 rounding."""
+    (rope: mx.fast.rope's; norms: mx.fast.rms_norm's; experts: the segments path's) to float32 rounding."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 

@@ -160,6 +160,11 @@ def attention(q: mx.array, k1: mx.array, v1: mx.array, k2: mx.array, v2: mx.arra
     return module().attention(q, k1, v1, k2, v2)
 
 
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """mx.fast.rms_norm(x, weight, eps) for float32 x and weight, the same numbers bit for bit."""
+    return module().rms_norm(x, weight, float(eps))
+
+
 def rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Rotary embedding of x (B, L, H, D), returned as (B, H, L, D): halves form, cos/sin (L or B x L, D/2)."""
     return module().rope(x, cos, sin)

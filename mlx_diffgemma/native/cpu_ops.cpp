@@ -11,6 +11,9 @@
 // Ops (float32 in, row-contiguous; Python wrappers make them so):
 //   softmax_rows(x)                        softmax over the last axis
 //   softcap(x, cap)                        cap * tanh(x / cap)
+//   rms_norm(x, w, eps)                    mx.fast.rms_norm(x, w, eps) (w optional) bit for bit, as MLX's CPU form
+//       computes it: each row's squares added in order, times float32(1/n), plus eps, 1 / sqrt of that, then
+//       (x * it) * w; several rows' sums at once (independent chains), rows on every core
 //   gelu_tanh(x)                           0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   vocab_pass(logits, temps, noise, cap, uniform)
 //       the sampler's pass over the vocabulary, per row r of logits (R, V):
@@ -45,6 +48,7 @@
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -264,6 +268,45 @@ float exp_row(float* x, int64_t n) {
   for (int64_t i = nv; i < n; ++i) total += (x[i] = sexp(x[i] - mx_));
   for (int i = 0; i < W; ++i) total += acc[i];
   return total;
+}
+
+// rows [lo, hi) of x (rows, n) normalised into y (may be x): the sums of squares of up to 8 rows at a time, each
+// row's in order (its own chain, as MLX adds them: one chain alone waits on every addition)
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t lo, int64_t hi, int64_t n, float eps) {
+  const float inv_n = static_cast<float>(1.0 / static_cast<double>(n));
+  const int64_t nv = n - n % W;
+  for (int64_t r0 = lo; r0 < hi; r0 += 8) {
+    const int64_t g = std::min<int64_t>(8, hi - r0);
+    float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const float* xr = x + r0 * n;
+    if (g == 8) {
+      for (int64_t i = 0; i < n; ++i)
+        for (int j = 0; j < 8; ++j) {
+          float v = xr[j * n + i];
+          ss[j] += v * v;
+        }
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < g; ++j) {
+          float v = xr[j * n + i];
+          ss[j] += v * v;
+        }
+    }
+    for (int64_t j = 0; j < g; ++j) {
+      const float mean = ss[j] * inv_n;
+      const float scale = 1.0f / std::sqrt(mean + eps);
+      const float* a = xr + j * n;
+      float* o = y + (r0 + j) * n;
+      const vf sv = splat(scale);
+      if (w) {
+        for (int64_t i = 0; i < nv; i += W) store(o + i, (load(a + i) * sv) * load(w + i));
+        for (int64_t i = nv; i < n; ++i) o[i] = (a[i] * scale) * w[i];
+      } else {
+        for (int64_t i = 0; i < nv; i += W) store(o + i, load(a + i) * sv);
+        for (int64_t i = nv; i < n; ++i) o[i] = a[i] * scale;
+      }
+    }
+  }
 }
 
 void softcap_range(const float* x, float* out, int64_t n, float cap) {
@@ -698,6 +741,38 @@ class Elementwise : public CpuOnly {
   float cap_;
 };
 
+class RmsNorm : public CpuOnly {
+ public:
+  RmsNorm(mx::Stream s, float eps) : CpuOnly(s), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    const auto& x = in[0];
+    auto& y = out[0];
+    if (x.is_donatable() && x.flags().row_contiguous && x.data_size() == x.size())
+      y.copy_shared_buffer(x);  // in place when nothing else holds x
+    auto& enc = encoder(in, out);
+    int64_t n = x.shape().empty() ? 1 : x.shape().back();
+    int64_t rows = n == 0 ? 0 : static_cast<int64_t>(x.size()) / n;
+    enc.dispatch([xp = x.data<float>(), wp = in.size() > 1 ? in[1].data<float>() : nullptr, yp = y.data<float>(), n,
+                  rows, eps = eps_]() {
+      parallel_rows((rows + 7) / 8, 8 * n, [&](int64_t a, int64_t b) {
+        rms_norm_rows(xp, wp, yp, a * 8, std::min(rows, b * 8), n, eps);
+      });
+    });
+  }
+  const char* name() const override {
+    return "NativeRmsNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    return {in[0].shape()};
+  }
+
+ private:
+  float eps_;
+};
+
 class VocabPass : public CpuOnly {
  public:
   VocabPass(mx::Stream s, float cap, bool uniform) : CpuOnly(s), cap_(cap), uniform_(uniform) {}
@@ -963,6 +1038,19 @@ mx::array experts(
   return mx::array(x.shape(), mx::float32, std::make_shared<Experts>(stream), in);
 }
 
+mx::array rms_norm(const mx::array& x, const std::optional<mx::array>& w, float eps, mx::StreamOrDevice s) {
+  auto stream = cpu_stream(s);
+  check_f32(x, "rms_norm");
+  std::vector<mx::array> in = {mx::contiguous(x, false, stream)};
+  if (w) {
+    check_f32(*w, "rms_norm");
+    if (w->ndim() != 1 || x.ndim() == 0 || w->shape()[0] != x.shape().back())
+      throw std::invalid_argument("rms_norm: the weight is (n,) for x (..., n)");
+    in.push_back(mx::contiguous(*w, false, stream));
+  }
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, eps), in);
+}
+
 mx::array rope(const mx::array& x, const mx::array& cos, const mx::array& sin, mx::StreamOrDevice s) {
   auto stream = cpu_stream(s);
   for (const auto* a : {&x, &cos, &sin}) check_f32(*a, "rope");
@@ -1004,6 +1092,7 @@ NB_MODULE(_native, m) {
   m.def("gelu_tanh", &gelu_tanh, "x"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("attention", &attention, "q"_a, "k1"_a, "v1"_a, "k2"_a, "v2"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("experts", &experts, "x"_a, "idx"_a, "w"_a, "gate_up"_a, "down"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("rms_norm", &rms_norm, "x"_a, "w"_a.none(), "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &rope, "x"_a, "cos"_a, "sin"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("uniform", &uniform, "key"_a, "shape"_a, "low"_a, "high"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def(
