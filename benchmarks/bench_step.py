@@ -15,6 +15,7 @@ steps/s is K over the round's time, min and median over rounds. Peak memory: eac
 (encode + 3 steps), the process's peak resident memory above what it held after loading.
 
     pip install mlx-vlm==0.7.10   # for the comparison (optional: --engines ours transformers)
+    # on Linux, as the Makefile runs MLX: LD_PRELOAD=<Debian's OpenBLAS> OPENBLAS_THREAD_TIMEOUT=4
     python benchmarks/bench_step.py [--prefix 256 2048 8192] [--rounds 3] [--steps 3] [--engines ...]
 """
 
@@ -307,7 +308,9 @@ def versions() -> str:
         except ImportError:
             pass
     core = openblas_core()
-    out.append("MLX BLAS: " + (f"OpenBLAS (preloaded, {core} kernels)" if core else "bundled reference BLAS"))
+    spin = os.environ.get("OPENBLAS_THREAD_TIMEOUT")  # its idle workers' spin before they sleep (see the Makefile)
+    spin = f"thread timeout 2^{spin} cycles" if spin else "default thread timeout"
+    out.append("MLX BLAS: " + (f"OpenBLAS (preloaded, {core} kernels, {spin})" if core else "bundled reference BLAS"))
     try:
         import torch
 

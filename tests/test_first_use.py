@@ -167,3 +167,17 @@ def test_bench_takes_a_step_apart(checkpoint):
     assert "2532.5 GFLOP" in real.stdout  # the real model's step, from its config alone
     bad = run("bench", "--model", "demo", "--prefix", 0)
     assert bad.returncode == 2 and error_line(bad).startswith("error: --prefix")
+
+
+def test_bench_says_when_openblas_workers_spin(monkeypatch):
+    """On a preloaded OpenBLAS without OPENBLAS_THREAD_TIMEOUT (read at load: bench can only say so), a hint."""
+    from mlx_diffgemma import bench
+
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3")
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    assert "OPENBLAS_THREAD_TIMEOUT=4" in bench.blas_note()
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")
+    assert bench.blas_note() is None
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT")
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert bench.blas_note() is None
