@@ -412,7 +412,7 @@ def main() -> None:
         ratios = [f"{med[engines[0].name] / med[e.name]:.2f}x" for e in engines[1:]]
         print(f"| {prefix:,} | " + " | ".join(cells + ratios) + " |", flush=True)
     if not args.no_memory:
-        memory_table(args, [type(e) for e in engines])
+        memory_table(args, [ENGINES[n] for n in args.engines])  # the classes (an Isolated engine is a proxy)
 
 
 def memory_table(args, classes) -> None:
