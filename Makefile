@@ -22,7 +22,7 @@ else
 endif
 
 DEMO_PROMPT ?= Write a Python function area(x, u) that returns x * u.
-.PHONY: setup runtime openblas native clang test parity demo lint
+.PHONY: setup runtime openblas native clang test parity demo lint bench
 setup: $(VENV)/.installed openblas native
 runtime: $(VENV)/.runtime openblas native
 
@@ -66,6 +66,11 @@ test: setup clang
 
 parity: setup
 	@$(RUN_ENV) $(VENV)/bin/mlx_diffgemma parity --fixtures
+
+# exact-mode speed side by side with mlx-vlm and transformers, MLX run as above (ARGS="--rounds 2 --steps 2")
+bench: setup
+	@$(PY) -m pip install -q "mlx-vlm==0.7.10"
+	@$(RUN_ENV) $(PY) benchmarks/bench_step.py $(ARGS)
 
 # The main job: the demo model shipped inside the package (mlx_diffgemma/demo/model, trained from scratch by
 # benchmarks/train_demo.py) answers with the live canvas on a terminal, block by block in a pipe.
