@@ -49,6 +49,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -283,19 +284,11 @@ void rms_norm_rows(const float* x, const float* w, float* y, int64_t lo, int64_t
     const int64_t g = std::min<int64_t>(8, hi - r0);
     float ss[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     const float* xr = x + r0 * n;
-    if (g == 8) {
-      for (int64_t i = 0; i < n; ++i)
-        for (int j = 0; j < 8; ++j) {
-          float v = xr[j * n + i];
-          ss[j] += v * v;
-        }
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < g; ++j) {
-          float v = xr[j * n + i];
-          ss[j] += v * v;
-        }
-    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < g; ++j) {
+        float v = xr[j * n + i];
+        ss[j] += v * v;
+      }
     for (int64_t j = 0; j < g; ++j) {
       const float mean = ss[j] * inv_n;
       const float scale = 1.0f / std::sqrt(mean + eps);
@@ -743,6 +736,14 @@ class CpuOnly : public mx::Primitive {
     }
     return enc;
   }
+
+  // An op over the rows of x's last axis writing y of x's shape: y takes x's buffer when nothing else holds x (no
+  // new allocation; call before encoder()); returns (rows, row length)
+  static std::pair<int64_t, int64_t> rows_in_place(const mx::array& x, mx::array& y) {
+    if (x.is_donatable() && x.flags().row_contiguous && x.data_size() == x.size()) y.copy_shared_buffer(x);
+    int64_t n = x.shape().empty() ? 1 : x.shape().back();
+    return {n == 0 ? 0 : static_cast<int64_t>(x.size()) / n, n};
+  }
 };
 
 class Elementwise : public CpuOnly {
@@ -752,11 +753,8 @@ class Elementwise : public CpuOnly {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
     auto& y = out[0];
-    if (x.is_donatable() && x.flags().row_contiguous && x.data_size() == x.size())
-      y.copy_shared_buffer(x);  // in place: nothing else holds x (attention's scores), no new allocation
+    auto [rows, n] = rows_in_place(x, y);
     auto& enc = encoder(in, out);
-    int64_t n = x.shape().empty() ? 1 : x.shape().back();
-    int64_t rows = n == 0 ? 0 : static_cast<int64_t>(x.size()) / n;
     enc.dispatch([xp = x.data<float>(), yp = y.data<float>(), n, rows, kind = kind_, cap = cap_]() {
       if (kind == SOFTMAX) {
         parallel_rows(rows, n, [&](int64_t a, int64_t b) {
@@ -797,11 +795,8 @@ class RmsNorm : public CpuOnly {
   void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
     const auto& x = in[0];
     auto& y = out[0];
-    if (x.is_donatable() && x.flags().row_contiguous && x.data_size() == x.size())
-      y.copy_shared_buffer(x);  // in place when nothing else holds x
+    auto [rows, n] = rows_in_place(x, y);
     auto& enc = encoder(in, out);
-    int64_t n = x.shape().empty() ? 1 : x.shape().back();
-    int64_t rows = n == 0 ? 0 : static_cast<int64_t>(x.size()) / n;
     enc.dispatch([xp = x.data<float>(), wp = in.size() > 1 ? in[1].data<float>() : nullptr, yp = y.data<float>(), n,
                   rows, eps = eps_]() {
       parallel_rows((rows + 7) / 8, 8 * n, [&](int64_t a, int64_t b) {
